@@ -62,22 +62,28 @@ class OnUnsupported(str, Enum):
 class LayerSpec:
     """How curvlens handles one module type.
 
+    The gradient of the matrix view is a sum of outer products of "input-side" rows and
+    "gradient-side" rows. For Linear and Conv layers the input side spans the columns
+    (``n``) and the gradient side the rows (``m``) of ``W``; for Embedding it is the other way
+    round (one-hot indices pick rows of ``W``), which ``inputs_are_columns`` records.
+
     Attributes:
         kind: the report kind of such layers.
         matrix: ``module -> W [m, n]``, a view of the weight (no copy).
-        col_rows: ``(module, input) -> [N_a, n]``: rows whose covariance is the column factor
-            ``C_A`` (inputs / patches; for embeddings the output gradients).
-        row_rows: ``(module, input, output_grad) -> [N_d, m]``: rows whose covariance is the row
-            factor ``C_delta`` (output gradients; for embeddings one-hot indices).
-        locations: ``(module, input) -> T``, the number of weight applications per sample
-            (conv: output locations; sequence inputs: tokens; plain linear: 1).
+        input_rows: ``(module, input) -> [N, n or m]``: input-side rows, one per weight
+            application (conv: one unfolded patch per output location and group).
+        grad_rows: ``(module, output_grad) -> [N, m or n]``: gradient-side rows.
+        locations: ``(module, input) -> T``, weight applications per sample (conv: output
+            locations; sequence inputs: tokens; plain Linear: 1).
+        inputs_are_columns: whether the input side is the column (``n``) side of ``W``.
     """
 
     kind: LayerKind
     matrix: Callable[[nn.Module], Tensor]
-    col_rows: Callable[[nn.Module, Tensor, Tensor], Tensor]
-    row_rows: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    input_rows: Callable[[nn.Module, Tensor], Tensor]
+    grad_rows: Callable[[nn.Module, Tensor], Tensor]
     locations: Callable[[nn.Module, Tensor], int]
+    inputs_are_columns: bool = True
 
 
 @dataclass(frozen=True)
@@ -152,11 +158,11 @@ def _flat_matrix(module: nn.Module) -> Tensor:
     return module.weight.flatten(1)
 
 
-def _linear_inputs(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+def _linear_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])  # [B*..., in]
 
 
-def _linear_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+def _last_dim_rows(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(-1, g.shape[-1])  # [B*..., out]
 
 
@@ -204,7 +210,7 @@ def _same_padding(module: nn.Module, x: Tensor) -> tuple[int, ...]:
     return tuple(pads)
 
 
-def _conv_inputs(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+def _conv_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """Patch rows ``[B * T * groups, in/groups * prod(kernel)]``; groups stack as extra rows."""
     patches = _unfold(module, x)  # [B, in*K, T]
     B, _, T = patches.shape
@@ -213,7 +219,7 @@ def _conv_inputs(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     return patches.permute(0, 3, 1, 2).reshape(B * T * G, -1)
 
 
-def _conv_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+def _conv_grads(module: nn.Module, g: Tensor) -> Tensor:
     """Output-gradient rows ``[B * T, out]``."""
     return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
@@ -222,12 +228,9 @@ def _conv_locations(module: nn.Module, x: Tensor) -> int:
     return int(_unfold(module, x[:1]).shape[-1])
 
 
-def _embedding_onehot(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    return F.one_hot(x.reshape(-1), module.num_embeddings).to(g.dtype)  # [B*..., num]
-
-
-def _embedding_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    return g.reshape(-1, g.shape[-1])  # [B*..., dim]
+def _embedding_onehot(module: nn.Module, x: Tensor) -> Tensor:
+    onehot = F.one_hot(x.reshape(-1), module.num_embeddings)  # [B*..., num]
+    return onehot.to(module.weight.dtype)
 
 
 def _embedding_locations(module: nn.Module, x: Tensor) -> int:
@@ -237,23 +240,24 @@ def _embedding_locations(module: nn.Module, x: Tensor) -> int:
 _LINEAR = LayerSpec(
     kind=LayerKind.LINEAR,
     matrix=_flat_matrix,
-    col_rows=_linear_inputs,
-    row_rows=_linear_grads,
+    input_rows=_linear_inputs,
+    grad_rows=_last_dim_rows,
     locations=_linear_locations,
 )
 _CONV = LayerSpec(
     kind=LayerKind.CONV,
     matrix=_flat_matrix,
-    col_rows=_conv_inputs,
-    row_rows=_conv_grads,
+    input_rows=_conv_inputs,
+    grad_rows=_conv_grads,
     locations=_conv_locations,
 )
 _EMBEDDING = LayerSpec(
     kind=LayerKind.EMBEDDING,
     matrix=lambda module: module.weight,
-    col_rows=lambda module, x, g: _embedding_grads(module, x, g),
-    row_rows=_embedding_onehot,
+    input_rows=_embedding_onehot,
+    grad_rows=_last_dim_rows,
     locations=_embedding_locations,
+    inputs_are_columns=False,
 )
 
 for _t, _s in ((nn.Linear, _LINEAR), (nn.Conv1d, _CONV), (nn.Conv2d, _CONV), (nn.Conv3d, _CONV),
