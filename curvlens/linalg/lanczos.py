@@ -1,0 +1,262 @@
+r"""Lanczos with full reorthogonalization for extreme eigenvalues of a symmetric operator.
+
+The operator is given only through ``matvec`` (e.g. a Hessian-vector product), so nothing here
+knows about models. After ``j`` steps the Krylov basis ``Q_j`` and the tridiagonal
+``T_j = Q_j^T A Q_j`` give Ritz pairs ``(theta_i, Q_j s_i)`` whose residual norms are
+``|beta_{j+1} s_{j,i}|`` (Paige); a symmetric ``A`` has an eigenvalue within that distance of
+``theta_i``. Iteration stops when every wanted Ritz value has a residual below
+``tol * |theta_i|`` (ARPACK's criterion). Each new vector is orthogonalized against the whole basis
+twice ("twice is enough"), so the Ritz values carry no spurious copies. When the Krylov space
+becomes invariant, the iteration continues from a fresh random vector orthogonal to the basis,
+which also uncovers repeated eigenvalues.
+
+Used for ``s_lanczos`` in the main paper (seed 001, "spectral alignment"), the independent check on
+the Rayleigh-quotient exponent; see shared/SPEC.md sections 2.5 and 3.
+
+References: C. Lanczos (1950); C. C. Paige (1971); B. N. Parlett, *The Symmetric Eigenvalue
+Problem* (1998), ch. 13.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+__all__ = ["Which", "lanczos", "lanczos_tridiagonal"]
+
+
+class Which(str, Enum):
+    """Which end of the spectrum to compute."""
+
+    LARGEST = "largest"
+    SMALLEST = "smallest"
+    BOTH = "both"
+
+
+def _parse_which(which: Which | str) -> Which:
+    try:
+        return Which(which)
+    except ValueError:
+        raise ValueError(
+            f"which must be one of {[w.value for w in Which]}, got {which!r}"
+        ) from None
+
+
+def random_unit(
+    dim: int, *, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """A Gaussian random unit vector ``[dim]``, drawn on the generator's device and moved."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    v = torch.randn(dim, generator=generator, dtype=dtype, device=gen_device).to(device)
+    return v / torch.linalg.vector_norm(v)
+
+
+def _apply(matvec: Callable[[Tensor], Tensor], q: Tensor) -> Tensor:
+    w = matvec(q)
+    if not isinstance(w, Tensor) or w.shape != q.shape:
+        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"matvec must map a [{q.shape[0]}] tensor to [{q.shape[0]}], got {got}")
+    return w.to(q.dtype)
+
+
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """Classical Gram-Schmidt against the rows of ``basis [j, dim]``, done twice."""
+    for _ in range(2):
+        w = w - basis.mT @ (basis @ w)
+    return w
+
+
+def lanczos_tridiagonal(
+    matvec: Callable[[Tensor], Tensor],
+    v0: Tensor,
+    num_iter: int,
+) -> tuple[Tensor, Tensor]:
+    """``num_iter`` plain Lanczos steps from ``v0`` with full reorthogonalization.
+
+    Used by stochastic Lanczos quadrature, where the start vector matters and no restart is
+    wanted: the iteration stops early (shorter output) if the Krylov space becomes invariant.
+
+    Args:
+        matvec: ``[dim] -> [dim]``, a symmetric operator.
+        v0: ``[dim]`` start vector (normalized here).
+        num_iter: the maximum Krylov dimension.
+
+    Returns:
+        ``(alpha [j], beta [j - 1])``: diagonal and off-diagonal of ``T_j``, ``j <= num_iter``.
+    """
+    dim = v0.shape[0]
+    num_iter = min(num_iter, dim)
+    basis = torch.empty(num_iter, dim, dtype=v0.dtype, device=v0.device)
+    alpha = torch.empty(num_iter, dtype=v0.dtype, device=v0.device)
+    beta = torch.empty(num_iter, dtype=v0.dtype, device=v0.device)
+    basis[0] = v0 / torch.linalg.vector_norm(v0)
+    j = 0
+    while True:
+        w = _apply(matvec, basis[j])
+        alpha[j] = basis[j] @ w
+        w = _orthogonalize(w, basis[: j + 1])
+        beta[j] = torch.linalg.vector_norm(w)
+        j += 1
+        scale = alpha[:j].abs().max().clamp_min(torch.finfo(v0.dtype).tiny)
+        if j == num_iter or float(beta[j - 1]) <= 1e3 * torch.finfo(v0.dtype).eps * float(scale):
+            return alpha[:j], beta[: j - 1]
+        basis[j] = w / beta[j - 1]
+
+
+def lanczos(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    k: int,
+    *,
+    which: Which | str = Which.LARGEST,
+    num_iter: int | None = None,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    v0: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    return_vectors: bool = False,
+    progress: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalization.
+
+    Args:
+        matvec: ``[dim] -> [dim]``, a symmetric linear operator (e.g. a Hessian-vector product).
+            It receives tensors of ``dtype`` on ``device``.
+        dim: the operator's dimension.
+        k: how many eigenvalues (at each end for ``which="both"``); ``1 <= k <= dim``.
+        which: ``"largest"`` (algebraically), ``"smallest"``, or ``"both"``.
+        num_iter: the maximum Krylov dimension (number of ``matvec`` calls); default
+            ``min(dim, max(30 * k, 100))``. A warning says so when it was not enough.
+        tol: stop when each wanted Ritz pair's residual ``||A y - theta y||`` is at most
+            ``tol * |theta|``; default ``sqrt(eps)`` of ``dtype``. The eigenvalue error is at most
+            the residual and usually near its square divided by the spectral gap.
+        generator: seeds the random start vector (and restarts); same generator state, same
+            result.
+        v0: ``[dim]`` start vector instead of a random one.
+        dtype: working precision of the basis and ``matvec`` inputs (``float32`` or ``float64``).
+        device: where the basis lives.
+        return_vectors: also return the Ritz vectors.
+        progress: show a tqdm progress bar over the iterations.
+
+    Returns:
+        ``eigenvalues [k]`` in descending order (``[2 k]`` for ``"both"``: the ``k`` largest then
+        the ``k`` smallest, all descending), and with ``return_vectors`` also the unit Ritz
+        vectors ``[dim, k]`` (``[dim, 2 k]``) as columns in the same order.
+
+    Raises:
+        ValueError: bad ``k``, ``dim``, ``which``, ``num_iter``, ``v0`` or ``matvec`` output shape.
+        TypeError: ``dtype`` is not a real floating type.
+
+    Example:
+        >>> import torch
+        >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
+        >>> lanczos(lambda v: A @ v, 50, 3).round(decimals=8)
+        tensor([50., 49., 48.], dtype=torch.float64)
+    """
+    which = _parse_which(which)
+    if not (isinstance(dim, int) and dim >= 1):
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    n_ends = 2 if which is Which.BOTH else 1
+    if not (isinstance(k, int) and 1 <= k and n_ends * k <= dim):
+        raise ValueError(
+            f"k must be an int with 1 <= k{' * 2' if n_ends == 2 else ''} <= dim={dim}, got {k!r}"
+        )
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex):
+        raise TypeError(f"dtype must be a real floating dtype (float32/float64), got {dtype!r}")
+    if num_iter is None:
+        num_iter = min(dim, max(30 * k, 100))
+    if not (isinstance(num_iter, int) and n_ends * k <= num_iter):
+        raise ValueError(f"num_iter must be an int >= {n_ends * k}, got {num_iter!r}")
+    num_iter = min(num_iter, dim)
+    eps = torch.finfo(dtype).eps
+    tol = eps**0.5 if tol is None else float(tol)
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+
+    if v0 is None:
+        q = random_unit(dim, generator=generator, dtype=dtype, device=device)
+    else:
+        if v0.shape != (dim,):
+            raise ValueError(f"v0 must have shape [{dim}], got {tuple(v0.shape)}")
+        q = v0.to(dtype=dtype, device=device)
+        q = q / torch.linalg.vector_norm(q)
+
+    basis = torch.empty(num_iter, dim, dtype=dtype, device=device)  # rows q_1..q_j
+    T = torch.zeros(num_iter, num_iter, dtype=dtype, device=device)
+    basis[0] = q
+    bar = _progress_bar(progress, num_iter)
+    converged = False
+    j = 0
+    theta = s = None
+    try:
+        while j < num_iter:
+            w = _apply(matvec, basis[j])
+            T[j, j] = basis[j] @ w
+            w = _orthogonalize(w, basis[: j + 1])
+            beta = torch.linalg.vector_norm(w)
+            j += 1
+            if bar is not None:
+                bar.update(1)
+            theta, s = torch.linalg.eigh(T[:j, :j])  # ascending
+            wanted = _wanted(j, k, which)
+            scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
+            breakdown = float(beta) <= 1e3 * eps * float(scale)
+            if j >= n_ends * k:
+                resid = (beta * s[-1, wanted]).abs()
+                floor = 10 * eps * scale
+                if bool((resid <= torch.maximum(tol * theta[wanted].abs(), floor)).all()):
+                    converged = True
+                    break
+            if j == num_iter:
+                break
+            if breakdown:  # invariant subspace: continue from a fresh orthogonal direction
+                T[j - 1, j] = T[j, j - 1] = 0.0
+                w = _orthogonalize(
+                    random_unit(dim, generator=generator, dtype=dtype, device=device),
+                    basis[:j],
+                )
+                basis[j] = w / torch.linalg.vector_norm(w)
+            else:
+                T[j - 1, j] = T[j, j - 1] = beta
+                basis[j] = w / beta
+    finally:
+        if bar is not None:
+            bar.close()
+    if not converged and j < dim:
+        warnings.warn(
+            f"lanczos: the wanted {k} Ritz values did not reach tol={tol:g} within "
+            f"num_iter={num_iter} iterations; raise num_iter or tol",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    idx = _wanted(j, k, which).flip(0)  # descending
+    values = theta[idx]
+    if not return_vectors:
+        return values
+    vectors = basis[:j].mT @ s[:, idx]  # [dim, k]
+    return values, vectors
+
+
+def _wanted(j: int, k: int, which: Which) -> Tensor:
+    """Indices (ascending) into ascending Ritz values of the wanted ones."""
+    k = min(k, j)
+    top = torch.arange(j - k, j)
+    if which is Which.LARGEST:
+        return top
+    bottom = torch.arange(0, k)
+    if which is Which.SMALLEST:
+        return bottom
+    return torch.unique(torch.cat([bottom, top]))
+
+
+def _progress_bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="lanczos", unit="matvec", leave=False)
