@@ -1,0 +1,477 @@
+r"""Statistics on spectra: power-law fits, rank-profile models, participation ratios.
+
+These are the fitting rules of "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact
+Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596), section "Measurement":
+every exponent is an ordinary-least-squares slope in natural logarithms,
+
+.. math::
+    \log y_k = c + b \log x_k, \qquad b = \frac{\sum (\log x_k - \overline{\log x})
+    (\log y_k - \overline{\log y})}{\sum (\log x_k - \overline{\log x})^2},
+
+over the points with ``x_k > 0`` and ``y_k > 0``. Robust extras: :math:`R^2`, a seeded bootstrap
+95% confidence interval over the ``(x_k, y_k)`` pairs, and the Theil-Sen slope (median of the
+pairwise slopes). Everything is computed in float64 with torch; inputs may be tensors, numpy
+arrays or lists.
+
+Undefined results are ``NaN`` and never silent: each result carries the reason in its
+``warnings`` tuple, and :func:`zeta_bound` warns.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PowerLawFit",
+    "RankModel",
+    "RankModelFit",
+    "RankModelComparison",
+    "fit_power_law",
+    "fit_rank_decay",
+    "compare_rank_models",
+    "participation_ratio",
+    "zeta_bound",
+    "ols_slope",
+]
+
+_NAN = float("nan")
+# Theil-Sen uses all n(n-1)/2 pairs up to this many points, a seeded sample of pairs above.
+_THEIL_SEN_MAX_POINTS = 2000
+_THEIL_SEN_SAMPLED_PAIRS = 1_000_000
+
+
+def _as_f64(x: Tensor | Sequence[float] | object, name: str) -> Tensor:
+    """A flat float64 CPU-or-same-device tensor from a tensor, numpy array or list."""
+    if isinstance(x, Tensor):
+        t = x.detach().to(torch.float64)
+    else:
+        try:
+            t = torch.as_tensor(x, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"{name} must be a tensor, numpy array or list of numbers, got {type(x).__name__}"
+            ) from err
+    if t.dim() > 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
+    return t.reshape(-1)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """An OLS fit ``log y = intercept + slope * log x``.
+
+    For :func:`fit_power_law` ``exponent`` is the slope (``y ~ c x^exponent``); for
+    :func:`fit_rank_decay` it is minus the slope (``y_k ~ c k^-exponent``), and ``ci`` and
+    ``theil_sen`` follow the same sign convention.
+
+    Attributes:
+        exponent: the fitted exponent (NaN when undefined, see ``warnings``).
+        intercept: the OLS intercept ``log c`` (natural log).
+        r2: coefficient of determination of the log-log fit.
+        n: number of points used (those with ``x > 0`` and ``y > 0``).
+        ci: ``(low, high)`` bootstrap 95% percentile interval of ``exponent``.
+        theil_sen: Theil-Sen estimate of ``exponent`` (median of pairwise slopes).
+        stderr: the classical OLS standard error of the slope.
+        warnings: why any of the above is NaN, or what was dropped.
+    """
+
+    exponent: float
+    intercept: float
+    r2: float
+    n: int
+    ci: tuple[float, float] = (_NAN, _NAN)
+    theil_sen: float = _NAN
+    stderr: float = _NAN
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        """Whether the exponent is defined."""
+        return math.isfinite(self.exponent)
+
+
+def ols_slope(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
+    """Ordinary-least-squares slope of ``y`` on ``x`` (with intercept), no logarithms.
+
+    Args:
+        x: [n] abscissae.
+        y: [n] ordinates.
+
+    Returns:
+        The slope, NaN when fewer than 2 points or all ``x`` equal.
+
+    Example:
+        >>> ols_slope([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
+        2.0
+    """
+    xt, yt = _as_f64(x, "x"), _as_f64(y, "y")
+    if xt.shape != yt.shape:
+        raise ValueError(f"x and y need the same length, got {xt.numel()} and {yt.numel()}")
+    return _ols(xt, yt)[0]
+
+
+def _ols(x: Tensor, y: Tensor) -> tuple[float, float, float, float]:
+    """``(slope, intercept, r2, stderr)`` of ``y`` on ``x``; NaN where undefined."""
+    n = x.numel()
+    if n < 2:
+        return _NAN, _NAN, _NAN, _NAN
+    xm, ym = x.mean(), y.mean()
+    dx, dy = x - xm, y - ym
+    sxx = float((dx * dx).sum())
+    if sxx <= 0.0:
+        return _NAN, _NAN, _NAN, _NAN
+    slope = float((dx * dy).sum()) / sxx
+    intercept = float(ym) - slope * float(xm)
+    resid = dy - slope * dx
+    rss = float((resid * resid).sum())
+    tss = float((dy * dy).sum())
+    r2 = 1.0 - rss / tss if tss > 0.0 else _NAN
+    stderr = math.sqrt(rss / (n - 2) / sxx) if n > 2 else _NAN
+    return slope, intercept, r2, stderr
+
+
+def _bootstrap_slopes(lx: Tensor, ly: Tensor, bootstrap: int, seed: int) -> Tensor:
+    """[bootstrap] OLS slopes over pairs resampled with replacement (NaN if degenerate)."""
+    n = lx.numel()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, n, (bootstrap, n), generator=gen).to(lx.device)  # [R, n]
+    xb, yb = lx[idx], ly[idx]  # [R, n]
+    dx = xb - xb.mean(dim=1, keepdim=True)
+    dy = yb - yb.mean(dim=1, keepdim=True)
+    sxx = (dx * dx).sum(dim=1)
+    slopes = (dx * dy).sum(dim=1) / sxx
+    # A resample whose x values are (numerically) all equal has no slope.
+    degenerate = sxx <= 1e-12 * (lx - lx.mean()).square().sum()
+    return torch.where(degenerate, torch.full_like(slopes, _NAN), slopes)
+
+
+def _theil_sen(lx: Tensor, ly: Tensor, seed: int) -> float:
+    """Median of pairwise slopes (pairs with distinct x)."""
+    n = lx.numel()
+    if n <= _THEIL_SEN_MAX_POINTS:
+        i, j = torch.triu_indices(n, n, offset=1, device=lx.device)
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        i = torch.randint(0, n, (_THEIL_SEN_SAMPLED_PAIRS,), generator=gen).to(lx.device)
+        j = torch.randint(0, n, (_THEIL_SEN_SAMPLED_PAIRS,), generator=gen).to(lx.device)
+    ddx = lx[j] - lx[i]
+    keep = ddx != 0
+    if not bool(keep.any()):
+        return _NAN
+    slopes = (ly[j] - ly[i])[keep] / ddx[keep]
+    return float(torch.quantile(slopes, 0.5))  # the median, averaging the middle pair
+
+
+def _fit_log_log(
+    x: Tensor, y: Tensor, *, bootstrap: int, seed: int, sign: float, what: str
+) -> PowerLawFit:
+    """Shared body of :func:`fit_power_law` and :func:`fit_rank_decay` (float64 inputs)."""
+    notes: list[str] = []
+    if x.shape != y.shape:
+        raise ValueError(f"{what}: x and y need the same length, got {x.numel()} and {y.numel()}")
+    if not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(f"bootstrap must be a non-negative int, got {bootstrap!r}")
+    finite = torch.isfinite(x) & torch.isfinite(y)
+    if not bool(finite.all()):
+        notes.append(f"{what}: dropped {int((~finite).sum())} non-finite point(s)")
+    keep = finite & (x > 0) & (y > 0)
+    dropped = int((finite & ~keep).sum())
+    if dropped:
+        notes.append(f"{what}: left {dropped} non-positive point(s) out of the log fit")
+    lx, ly = x[keep].log(), y[keep].log()
+    n = int(lx.numel())
+    if n < 3:
+        notes.append(f"{what}: fewer than 3 positive points ({n}), the exponent is undefined")
+        return PowerLawFit(_NAN, _NAN, _NAN, n, warnings=tuple(notes))
+    slope, intercept, r2, stderr = _ols(lx, ly)
+    if not math.isfinite(slope):
+        notes.append(f"{what}: all {n} abscissae are equal, the exponent is undefined")
+        return PowerLawFit(_NAN, _NAN, _NAN, n, warnings=tuple(notes))
+    if not math.isfinite(r2):
+        notes.append(f"{what}: the ordinates are constant, R^2 is undefined")
+    ci = (_NAN, _NAN)
+    if bootstrap > 0:
+        slopes = _bootstrap_slopes(lx, ly, bootstrap, seed)
+        if bool(torch.isnan(slopes).all()):
+            notes.append(f"{what}: every bootstrap resample was degenerate, no CI")
+        else:
+            q = torch.nanquantile(slopes, torch.tensor([0.025, 0.975], dtype=slopes.dtype,
+                                                         device=slopes.device))
+            lo, hi = sign * float(q[0]), sign * float(q[1])
+            ci = (min(lo, hi), max(lo, hi))
+    else:
+        notes.append(f"{what}: bootstrap=0, no CI")
+    ts = _theil_sen(lx, ly, seed)
+    return PowerLawFit(
+        exponent=sign * slope,
+        intercept=intercept,
+        r2=r2,
+        n=n,
+        ci=ci,
+        theil_sen=sign * ts,
+        stderr=stderr,
+        warnings=tuple(notes),
+    )
+
+
+def fit_power_law(
+    x: Tensor | Sequence[float],
+    y: Tensor | Sequence[float],
+    *,
+    bootstrap: int = 2000,
+    seed: int = 0,
+) -> PowerLawFit:
+    r"""Fit :math:`y \approx c\, x^{\text{exponent}}` by OLS in natural logs.
+
+    Points with ``x <= 0`` or ``y <= 0`` (or non-finite) are left out and counted in
+    ``warnings``. Fewer than 3 remaining points give NaN with the reason in ``warnings``.
+
+    Args:
+        x: [n] abscissae (e.g. gradient singular values ``sigma_k``).
+        y: [n] ordinates (e.g. directional curvatures ``h_k``).
+        bootstrap: number of bootstrap resamples of the ``(x, y)`` pairs for the 95% CI
+            (0 disables it).
+        seed: seed of the bootstrap (the result is deterministic).
+
+    Returns:
+        A :class:`PowerLawFit`.
+
+    Example:
+        >>> fit = fit_power_law([1.0, 2.0, 4.0, 8.0], [3.0, 12.0, 48.0, 192.0])
+        >>> round(fit.exponent, 12), round(fit.r2, 12)
+        (2.0, 1.0)
+    """
+    return _fit_log_log(
+        _as_f64(x, "x"), _as_f64(y, "y"), bootstrap=bootstrap, seed=seed, sign=1.0,
+        what="power-law fit",
+    )
+
+
+def fit_rank_decay(
+    values: Tensor | Sequence[float],
+    *,
+    bootstrap: int = 2000,
+    seed: int = 0,
+) -> PowerLawFit:
+    r"""Fit :math:`v_k \approx c\, k^{-\text{exponent}}` over ranks ``k = 1..n`` as given.
+
+    The values are not sorted: rank ``k`` is the position in ``values`` (sort them first for a
+    rank-ordered profile). Non-positive values are left out but keep their ranks for the others.
+    ``exponent > 0`` means decay; ``ci`` and ``theil_sen`` use the same sign.
+
+    Args:
+        values: [n] e.g. singular values ``sigma_k`` (gives gamma) or curvatures sorted
+            descending (gives s).
+        bootstrap: number of bootstrap resamples for the 95% CI (0 disables it).
+        seed: bootstrap seed.
+
+    Returns:
+        A :class:`PowerLawFit` with ``exponent = -slope``.
+
+    Example:
+        >>> round(fit_rank_decay([1.0, 0.25, 1 / 9, 1 / 16]).exponent, 12)
+        2.0
+    """
+    v = _as_f64(values, "values")
+    k = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+    return _fit_log_log(k, v, bootstrap=bootstrap, seed=seed, sign=-1.0, what="rank-decay fit")
+
+
+# --------------------------------------------------------------------------- rank-profile models
+
+
+class RankModel(str, Enum):
+    """Models of a rank profile ``log v_k`` (OLS design matrices in brackets)."""
+
+    POWER_LAW = "power_law"  # [1, log k]
+    EXPONENTIAL = "exponential"  # [1, k]
+    LOGNORMAL = "lognormal"  # [1, log k, (log k)^2]
+
+
+@dataclass(frozen=True)
+class RankModelFit:
+    """One rank-profile model fitted by OLS to ``log v_k``.
+
+    Attributes:
+        model: which model.
+        params: the coefficients, named as in the paper's data: power law ``gamma`` (minus the
+            slope on ``log k``) and ``log_c``; exponential ``beta`` (minus the slope on ``k``)
+            and ``log_c``; log-normal ``a`` (coefficient of ``(log k)^2``), ``b`` (of ``log k``),
+            ``log_c``.
+        rss: residual sum of squares in ``log v``.
+        n: number of points; p: number of coefficients.
+        aic: ``n log(RSS/n) + 2p``; bic: ``n log(RSS/n) + p log n`` (NaN when ``n <= p`` or
+            ``RSS = 0``).
+        valid: whether aic/bic are defined.
+    """
+
+    model: RankModel
+    params: dict[str, float]
+    rss: float
+    n: int
+    p: int
+    aic: float
+    bic: float
+    valid: bool
+
+
+@dataclass(frozen=True)
+class RankModelComparison:
+    """The three rank models and the BIC winner.
+
+    Attributes:
+        fits: ``{model name: RankModelFit}``.
+        best: name of the model with the lowest BIC (``""`` when none is valid).
+        warnings: reasons for invalid fits or dropped points.
+    """
+
+    fits: dict[str, RankModelFit]
+    best: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def bic(self) -> dict[str, float]:
+        return {name: f.bic for name, f in self.fits.items()}
+
+    @property
+    def aic(self) -> dict[str, float]:
+        return {name: f.aic for name, f in self.fits.items()}
+
+
+def compare_rank_models(values: Tensor | Sequence[float]) -> RankModelComparison:
+    r"""Compare power-law, exponential and log-normal rank profiles of ``values`` by BIC.
+
+    OLS of :math:`\log v_k` on :math:`[1, \log k]`, :math:`[1, k]` and
+    :math:`[1, \log k, (\log k)^2]` over ranks ``k = 1..n`` as given (non-positive values are
+    left out, keeping the others' ranks). :math:`\mathrm{BIC} = n \log(\mathrm{RSS}/n) + p \log n`,
+    :math:`\mathrm{AIC} = n \log(\mathrm{RSS}/n) + 2p`; the lowest BIC wins.
+
+    Args:
+        values: [n] e.g. gradient singular values.
+
+    Returns:
+        A :class:`RankModelComparison`.
+
+    Example:
+        >>> k = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        >>> compare_rank_models([2.0 ** -x * (1 + 0.01 * (-1) ** x) for x in k]).best
+        'exponential'
+    """
+    v = _as_f64(values, "values")
+    k = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+    keep = torch.isfinite(v) & (v > 0)
+    notes: list[str] = []
+    if not bool(keep.all()):
+        notes.append(
+            f"rank models: dropped {int((~keep).sum())} non-positive or non-finite value(s)"
+        )
+    k, y = k[keep], v[keep].log()
+    n = int(y.numel())
+    lk = k.log()
+    one = torch.ones_like(k)
+    designs = {
+        RankModel.POWER_LAW: (torch.stack([one, lk], 1), ("log_c", "gamma"), (1.0, -1.0)),
+        RankModel.EXPONENTIAL: (torch.stack([one, k], 1), ("log_c", "beta"), (1.0, -1.0)),
+        RankModel.LOGNORMAL: (
+            torch.stack([one, lk, lk * lk], 1), ("log_c", "b", "a"), (1.0, 1.0, 1.0)
+        ),
+    }
+    fits: dict[str, RankModelFit] = {}
+    for model, (X, names, signs) in designs.items():
+        p = X.shape[1]
+        if n <= p:
+            notes.append(f"rank models: {model.value} needs more than {p} positive values, got {n}")
+            fits[model.value] = RankModelFit(
+                model, {nm: _NAN for nm in names}, _NAN, n, p, _NAN, _NAN, False
+            )
+            continue
+        coef = torch.linalg.lstsq(X, y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        resid = y - X @ coef
+        rss = float((resid * resid).sum())
+        params = {nm: sg * float(c) for nm, sg, c in zip(names, signs, coef)}
+        if rss <= 0.0:
+            notes.append(f"rank models: {model.value} fits exactly (RSS = 0), AIC/BIC undefined")
+            fits[model.value] = RankModelFit(model, params, rss, n, p, _NAN, _NAN, False)
+            continue
+        base = n * math.log(rss / n)
+        fits[model.value] = RankModelFit(
+            model, params, rss, n, p, base + 2 * p, base + p * math.log(n), True
+        )
+    valid = {name: f.bic for name, f in fits.items() if f.valid}
+    best = min(valid, key=valid.__getitem__) if valid else ""
+    if not valid:
+        notes.append("rank models: no model could be scored, no BIC winner")
+    return RankModelComparison(fits=fits, best=best, warnings=tuple(notes))
+
+
+# --------------------------------------------------------------------------- concentration
+
+
+def participation_ratio(x: Tensor | Sequence[float]) -> float:
+    r"""Participation ratio :math:`(\sum_k x_k)^2 / \sum_k x_k^2` of the positive entries.
+
+    Non-positive and non-finite entries are left out (SPEC 2.7: PR is taken on positive
+    curvatures / eigenvalues). It lies in ``[1, #positive]``.
+
+    Args:
+        x: [n] e.g. directional curvatures ``h_k`` or Hessian eigenvalues.
+
+    Returns:
+        The ratio, or NaN (with a warning) when there is no positive entry.
+
+    Example:
+        >>> participation_ratio([1.0, 1.0, 1.0, -2.0])
+        3.0
+    """
+    t = _as_f64(x, "x")
+    t = t[torch.isfinite(t) & (t > 0)]
+    if t.numel() == 0:
+        warnings.warn("participation_ratio: no positive entry, returning NaN", stacklevel=2)
+        return _NAN
+    return _participation(t)
+
+
+def _participation(t: Tensor) -> float:
+    # Scale by the maximum first so tiny or huge values neither underflow nor overflow.
+    t = t / t.max()
+    return float(t.sum() ** 2 / (t * t).sum())
+
+
+def _zeta_bound_reason(s: float) -> tuple[float, str]:
+    """``(zeta(s)^2 / zeta(2s), "")`` or ``(NaN, reason)``."""
+    if not math.isfinite(s):
+        return _NAN, f"zeta bound undefined: exponent s={s!r} is not finite"
+    if s <= 1.0:
+        return _NAN, f"zeta bound undefined: needs s > 1, got s={s:.4g}"
+    st = torch.tensor([s, 2.0 * s], dtype=torch.float64)
+    z = torch.special.zeta(st, torch.ones_like(st))  # Hurwitz zeta at q = 1: Riemann zeta
+    return float(z[0] ** 2 / z[1]), ""
+
+
+def zeta_bound(s: float) -> float:
+    r"""The limit :math:`\zeta(s)^2 / \zeta(2s)` of the participation ratio of ``k^-s``.
+
+    For a pure power law ``x_k = k^-s`` with ``s > 1`` the truncated participation ratio of the
+    first ``K`` terms increases with ``K`` toward this bound and never exceeds it.
+
+    Args:
+        s: decay exponent.
+
+    Returns:
+        The bound; NaN with a ``RuntimeWarning`` for ``s <= 1`` (the sums diverge).
+
+    Example:
+        >>> round(zeta_bound(2.0), 10)  # (pi^2/6)^2 / (pi^4/90) = 2.5
+        2.5
+    """
+    value, reason = _zeta_bound_reason(float(s))
+    if reason:
+        warnings.warn(reason, RuntimeWarning, stacklevel=2)
+    return value
