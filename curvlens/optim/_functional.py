@@ -245,7 +245,7 @@ def scale_to_rms(update: Tensor, *, target: float, eps: float = 1e-12) -> Tensor
         target: the RMS to reach.
         eps: guards a zero update (which stays zero).
     """
-    rms = update.float().pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
+    rms = update.to(_compute_dtype(update.dtype)).pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
     return update * (target / rms.clamp_min(eps)).to(update.dtype)
 
 

@@ -303,7 +303,7 @@ class SpectralNewton(torch.optim.Optimizer):
                 if unknown:
                     raise ValueError(
                         f"alpha given for {sorted(unknown)}, which are not spectral layers of this "
-                        f"optimizer; spectral layers: {sorted(map(_layer_name, known))}"
+                        f"optimizer; spectral layers: {sorted(set(map(_layer_name, known)))}"
                     )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
