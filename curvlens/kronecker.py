@@ -366,6 +366,13 @@ def _hook_factors(
                 torch.autograd.grad(output, weights, grad_out, retain_graph=c < D - 1,
                                     allow_unused=True)
             passes = D
+        bad = [n for n, r in cap.records.items()
+               if any(not torch.isfinite(g).all() for g in r.output_grads)]
+        if bad:
+            raise RuntimeError(
+                f"NaN or Inf in the output gradients of layers {bad} (the one nearest the loss "
+                f"is {bad[-1]!r}); check the loss and the inputs before measuring curvature"
+            )
         for name, record in cap.records.items():
             for x in record.inputs:
                 acc.add_inputs(name, x)
