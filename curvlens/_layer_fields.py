@@ -1,0 +1,201 @@
+"""Private helpers of :func:`curvlens.analysis.analyze_layer`: one function per report section.
+
+Each helper fills its fields of the report under construction (a dict ``v``) and records, in an
+:class:`_Explain`, why any of them is NaN. See :mod:`curvlens.analysis` for the definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlens.alignment import alignment_budget
+from curvlens.fit import (
+    PowerLawFit,
+    _fit_log_log,
+    _participation,
+    _zeta_bound_reason,
+    compare_rank_models,
+)
+from curvlens.results import LayerReport
+
+_NAN = float("nan")
+
+
+class _Explain:
+    """Collects NaN reasons and caveats while a LayerReport is assembled."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+        self.caveats: list[str] = []
+
+    def nan(self, fields: Iterable[str], reason: str) -> None:
+        for name in fields:
+            self.reasons.setdefault(name, reason)
+
+    def warn(self, message: str) -> None:
+        if message not in self.caveats:
+            self.caveats.append(message)
+
+    def warnings(self) -> list[str]:
+        grouped: dict[str, list[str]] = {}
+        for name, reason in self.reasons.items():
+            grouped.setdefault(reason, []).append(name)
+        return self.caveats + [f"{', '.join(names)}: NaN, {reason}"
+                               for reason, names in grouped.items()]
+
+
+def _vector(x: Tensor | Sequence[float] | None, what: str, layer: str) -> Tensor | None:
+    if x is None:
+        return None
+    t = x.detach() if isinstance(x, Tensor) else torch.as_tensor(x)
+    t = t.to(torch.float64).reshape(-1).cpu()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"layer {layer!r}: {what} holds NaN or Inf; check the measurement")
+    return t
+
+
+def _eps_of(x: object) -> float:
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return torch.finfo(dtype).eps
+    if dtype is not None and str(dtype) in ("float16", "float32"):
+        return float(torch.finfo(getattr(torch, str(dtype))).eps)
+    return torch.finfo(torch.float64).eps
+
+
+def _fit_fields(v: dict, ex: _Explain, prefix: str, fit: PowerLawFit, *, ci: bool = True) -> None:
+    """Copy a fit into ``v[prefix]``, ``v[prefix_r2]`` (, ``_ci``) with NaN reasons."""
+    v[prefix], v[f"{prefix}_r2"] = fit.exponent, fit.r2
+    names = [prefix, f"{prefix}_r2"]
+    if ci:
+        v[f"{prefix}_ci"] = fit.ci
+        names.append(f"{prefix}_ci")
+    reason = "; ".join(w for w in fit.warnings if "non-positive" not in w) or "fit undefined"
+    if not fit.ok:
+        ex.nan(names, reason)
+        return
+    if math.isnan(fit.r2):
+        ex.nan([f"{prefix}_r2"], reason)
+    if ci and math.isnan(fit.ci[0]):
+        ex.nan([f"{prefix}_ci"], reason)
+
+
+def _transfer_error(s: float, predicted: float, ex: _Explain, which: str) -> float:
+    name = f"transfer_error_{which}"
+    if math.isnan(s) or math.isnan(predicted):
+        ex.nan([name], f"s_{which} or predicted_s is undefined")
+        return _NAN
+    if s == 0.0:
+        ex.nan([name], f"s_{which} = 0, the relative error is undefined")
+        return _NAN
+    return abs(s - predicted) / abs(s)
+
+
+def _zeta(s: float, field_name: str, source: str, ex: _Explain) -> float:
+    value, reason = _zeta_bound_reason(s)
+    if reason:
+        ex.nan([field_name], f"{reason} ({source})")
+    return value
+
+
+def _lanczos(v: dict, ex: _Explain, lambda_top: Any, fit: dict, name: str) -> None:
+    fields = ["s_lanczos", "s_lanczos_r2", "s_lanczos_ci", "transfer_error_lanczos",
+              "pr_lambda", "zeta_bound_lanczos"]
+    lam = _vector(lambda_top, "lambda_top", name)
+    if lam is None or lam.numel() == 0:
+        ex.nan(fields, "no Hessian-block eigenvalues given (lambda_top); Lanczos was not run")
+        return
+    lam = lam.sort(descending=True).values
+    v["lambda_top"] = lam.tolist()
+    positive = lam[lam > 0]
+    v["n_negative_lambda"] = int(lam.numel() - positive.numel())
+    if v["n_negative_lambda"]:
+        ex.warn(f"{v['n_negative_lambda']} of {lam.numel()} Lanczos eigenvalues are <= 0; "
+                "left out of s_lanczos and pr_lambda")
+    ranks = torch.arange(1, positive.numel() + 1, dtype=torch.float64)
+    s_l = _fit_log_log(ranks, positive, sign=-1.0, what="s_lanczos fit", **fit)
+    _fit_fields(v, ex, "s_lanczos", s_l)
+    v["transfer_error_lanczos"] = _transfer_error(s_l.exponent, v["predicted_s"], ex, "lanczos")
+    if positive.numel():
+        v["pr_lambda"] = _participation(positive)
+    else:
+        ex.nan(["pr_lambda"], "no positive Lanczos eigenvalue")
+    v["zeta_bound_lanczos"] = _zeta(s_l.exponent, "zeta_bound_lanczos", "s_lanczos", ex)
+
+
+def _noise_floor(v: dict, ex: _Explain, noise_norm: float | None, sig: Tensor, hh: Tensor,
+                 keep: Tensor, name: str) -> None:
+    fields = ["noise_norm", "noise_floor", "alpha_above_floor"]
+    if noise_norm is None:
+        ex.nan(fields, "no half-batch noise estimate given (noise_norm)")
+        return
+    noise = float(noise_norm)
+    if not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"layer {name!r}: noise_norm must be finite and >= 0, got {noise_norm!r}")
+    above = keep & (sig > 2.0 * noise)
+    v["noise_norm"], v["noise_floor"], v["k_kept"] = noise, 2.0 * noise, int(above.sum())
+    fit = _fit_log_log(sig[above], hh[above], sign=1.0, what="alpha above the noise floor",
+                       bootstrap=0, seed=0)
+    v["alpha_above_floor"] = fit.exponent
+    if not fit.ok:
+        ex.nan(["alpha_above_floor"],
+               f"only {v['k_kept']} singular values above the noise floor {2 * noise:.3g}; "
+               + "; ".join(fit.warnings))
+    if v["k_kept"] < int(keep.sum()):
+        ex.warn(f"noise floor 2*||(G1-G2)/2|| = {2 * noise:.3g} keeps {v['k_kept']} of "
+                f"{int(keep.sum())} singular values; the rest are within batch noise")
+
+
+def _rank_models(v: dict, ex: _Explain, sk: Tensor) -> None:
+    cmp = compare_rank_models(sk)
+    v["bic"], v["aic"], v["bic_best"] = cmp.bic, cmp.aic, cmp.best
+    for w in cmp.warnings:
+        if "non-positive" not in w:
+            ex.warn(w)
+
+
+def _alignment(v: dict, ex: _Explain, sig: Tensor, hh: Tensor, keep: Tensor, C_A: Any,
+               C_delta: Any, U: Any, V: Any) -> None:
+    fields = ["b_chi", "b_rho_delta", "b_rho_A", "b_lambda_delta", "b_lambda_A", "beta", "phi"]
+    given = {"C_A": C_A, "C_delta": C_delta, "U": U, "V": V}
+    missing = [k for k, x in given.items() if x is None]
+    if missing:
+        ex.nan(fields, f"alignment budget needs the Kronecker factors and singular vectors; "
+                       f"missing {missing}")
+        return
+    try:
+        budget = alignment_budget(sig, hh, C_A=C_A, C_delta=C_delta, U=U, V=V, window=keep)
+    except ValueError as err:
+        raise ValueError(f"layer {v['name']!r}: {err}") from None
+    v["h_kron"] = budget.h_kron.tolist()
+    for key in ("chi", "rho_delta", "rho_A", "lambda_delta", "lambda_A"):
+        v[key] = getattr(budget, key).tolist()
+    for key in fields:
+        v[key] = getattr(budget, key)
+    for w in budget.warnings:
+        ex.warn(w)
+    reason = "; ".join(budget.warnings) or "alignment budget undefined"
+    ex.nan([k for k in fields if math.isnan(v[k])], reason)
+
+
+def _zero_gradient(v: dict, ex: _Explain) -> None:
+    reason = ("zero gradient: the layer's gradient on the fixed batch is exactly zero (a dead "
+              "layer, or a batch that does not reach it); nothing can be fitted")
+    ex.warn(reason)
+    ex.nan([f.name for f in dataclasses.fields(LayerReport)
+            if f.type == "float" or f.name.endswith("_ci")], reason)
+
+
+def _finish(v: dict, ex: _Explain) -> LayerReport:
+    rep = LayerReport(**v)
+    undefined = {n.split("[")[0] for n, x in rep.scalar_fields().items() if math.isnan(x)}
+    ex.reasons = {k: r for k, r in ex.reasons.items() if k in undefined}
+    rep.nan_reasons = dict(ex.reasons)
+    rep.warnings = ex.warnings()
+    return rep

@@ -1,0 +1,382 @@
+r"""The paper's per-layer quantities: exponents, the transfer identity, the alpha budget.
+
+Implements the measurement protocol of "Spectral Asymptotics of Neural Network Loss Landscapes:
+An Exact Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596) as
+shared/SPEC.md section 2 (items 4 to 7) defines it. Over the top-``K`` window of the gradient's
+singular values ``sigma_k`` and the exact directional curvatures ``h_k``:
+
+* ``alpha``: slope of ``log h_k`` on ``log sigma_k`` (k with ``h_k > 0``); also over ``k >= 2``
+  (``h_1`` has high leverage), Theil-Sen, bootstrap CI, and above the half-batch noise floor;
+* ``gamma``: minus the slope of ``log sigma_k`` on ``log k``;
+* ``s_rayleigh``: minus the slope of ``log h`` (positive, sorted descending) on ``log rank``;
+  ``s_lanczos``: the same for the top Hessian-block eigenvalues (independent check);
+* the transfer identity ``s = alpha * gamma``: ``predicted_s`` and ``|s - alpha gamma| / s``;
+* ``Psi_k = h_k / sigma_k^2`` with ``alpha = 2 + b(Psi)``, and the alignment budget of
+  :mod:`curvlens.alignment`;
+* participation ratios, the zeta bound, BIC rank-profile models.
+
+**Paper-compatible mode.** By default the window stops at the gradient's numerical rank
+(``sigma_k > tol * sigma_1``, ``tol = max(m, n) * eps`` of the input's dtype), because a zero
+singular value has no logarithm and a round-off one (1e-8 for a 10-class head, whose gradient has
+rank 9) dominates a log-log fit. ``paper_compatible=True`` keeps every ``k`` of the window, as the
+paper did; it reproduces shared/reference/spectral-alignment/ to 1e-9.
+
+Every undefined quantity is NaN with its reason in ``LayerReport.nan_reasons`` and ``warnings``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlens._layer_fields import (
+    _alignment,
+    _eps_of,
+    _Explain,
+    _finish,
+    _fit_fields,
+    _lanczos,
+    _noise_floor,
+    _rank_models,
+    _transfer_error,
+    _vector,
+    _zero_gradient,
+    _zeta,
+)
+from curvlens.alignment import log_slope
+from curvlens.fit import _fit_log_log, _participation
+from curvlens.layers import LayerInfo, find_layers
+from curvlens.results import LayerReport, Report
+
+__all__ = ["LayerReport", "Report", "analyze_layer", "analyze_model"]
+
+_NAN = float("nan")
+
+
+def analyze_layer(
+    sigma: Tensor | Sequence[float],
+    h: Tensor | Sequence[float],
+    *,
+    name: str = "",
+    shape: tuple[int, int] | None = None,
+    kind: str | None = None,
+    C_A: Tensor | None = None,
+    C_delta: Tensor | None = None,
+    U: Tensor | None = None,
+    V: Tensor | None = None,
+    lambda_top: Tensor | Sequence[float] | None = None,
+    noise_norm: float | None = None,
+    window: int | None = None,
+    paper_compatible: bool = False,
+    rank_tol: float | None = None,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    notes: Sequence[str] = (),
+) -> LayerReport:
+    """All of the paper's per-layer quantities from one layer's measurements.
+
+    Args:
+        sigma: [K] gradient singular values, descending.
+        h: [K] directional curvatures ``h_k = vec(u_k v_k^T)^T H_WW vec(u_k v_k^T)``.
+        name: layer name (for messages and the report).
+        shape: ``(m, n)`` matrix shape (default: taken from ``U``/``V``, else unknown).
+        kind: layer kind (``"conv"``, ``"linear"``, ...).
+        C_A: [n, n] and C_delta: [m, m] Kronecker factors; U: [m, K], V: [n, K] singular
+            vectors of the gradient. All four are needed for ``h_kron`` and the alpha budget.
+        lambda_top: top eigenvalues of the Hessian block ``H_WW`` (any order).
+        noise_norm: ``||(G1 - G2) / 2||_2`` of two half-batch gradients; the noise floor keeps
+            ``sigma_k > 2 * noise_norm``.
+        window: use only the first ``window`` entries (default: all ``K``).
+        paper_compatible: keep numerically zero singular values in the window (module docstring).
+        rank_tol: relative tolerance of the numerical rank (default ``max(m, n) * eps``).
+        bootstrap: bootstrap resamples of every CI (0 disables CIs); seed: their seed.
+        notes: measurement notes to carry into the report.
+
+    Returns:
+        A :class:`LayerReport`; NaN fields are explained in ``nan_reasons`` and ``warnings``.
+
+    Raises:
+        ValueError: empty, mismatched, unsorted, negative or non-finite inputs, bad window, or
+            factor shapes that do not match ``U``/``V``.
+
+    Example:
+        >>> k = torch.arange(1, 21, dtype=torch.float64)
+        >>> rep = analyze_layer(k ** -1.0, k ** -2.0, name="toy", bootstrap=0)
+        >>> round(rep.alpha, 12), round(rep.gamma, 12), round(rep.s_rayleigh, 12)
+        (2.0, 1.0, 2.0)
+        >>> abs(rep.transfer_error_rayleigh) < 1e-12, abs(rep.psi_slope) < 1e-12
+        (True, True)
+    """
+    sig = _vector(sigma, "sigma", name)
+    hh = _vector(h, "h", name)
+    if sig.numel() == 0:
+        raise ValueError(f"layer {name!r}: sigma is empty; pass at least 3 singular values")
+    if hh.numel() != sig.numel():
+        raise ValueError(f"layer {name!r}: sigma and h need the same length, got "
+                         f"{sig.numel()} and {hh.numel()}")
+    if window is not None:
+        if not isinstance(window, int) or not 1 <= window <= sig.numel():
+            raise ValueError(f"layer {name!r}: window must be an int in [1, {sig.numel()}], "
+                             f"got {window!r}")
+        sig, hh = sig[:window], hh[:window]
+    if bool((sig < 0).any()) or bool((sig[1:] > sig[:-1]).any()):
+        raise ValueError(f"layer {name!r}: sigma must be non-negative and sorted descending "
+                         "(as gradient_svd returns it)")
+    K = sig.numel()
+    if shape is None and U is not None and V is not None:
+        shape = (int(U.shape[0]), int(V.shape[0]))
+    ex = _Explain()
+    v: dict[str, Any] = {
+        "name": name, "shape": tuple(shape) if shape is not None else (0, 0),
+        "kind": str(getattr(kind, "value", kind) or ""), "top_k": K,
+        "sigma": sig.tolist(), "h": hh.tolist(), "notes": list(notes),
+        "n_negative_h": int((hh <= 0).sum()),
+    }
+    ex.nan(["weight_alpha"], "the weight-spectrum tail is measured by curvlens.spectra, not here")
+    if v["n_negative_h"]:
+        bad = torch.nonzero(hh <= 0).flatten().add(1).tolist()
+        ex.warn(f"{v['n_negative_h']} of {K} directions have h_k <= 0 (k={bad}); they are "
+                "kept in h and left out of the log fits")
+
+    # Window: numerically nonzero singular values (all of them in paper-compatible mode).
+    if float(sig[0]) == 0.0:
+        v["rank"] = 0
+        _zero_gradient(v, ex)
+        return _finish(v, ex)
+    tol = rank_tol if rank_tol is not None else max(shape or (K,)) * _eps_of(sigma)
+    rank = int((sig > tol * sig[0]).sum())
+    v["rank"] = rank
+    keep = torch.ones(K, dtype=torch.bool) if paper_compatible else torch.arange(K) < rank
+    if rank < K:
+        ex.warn(f"rank {rank} < K={K}: sigma_k <= {tol:.2g} * sigma_1 for k > {rank}; " + (
+            "kept in the fits (paper-compatible mode)" if paper_compatible
+            else "the fits use k <= rank"))
+    ks = torch.arange(1, K + 1)
+    pos = keep & (hh > 0) & (sig > 0)
+    sk, hk = sig[keep], hh[keep]
+    fit = dict(bootstrap=bootstrap, seed=seed)
+
+    alpha = _fit_log_log(sk, hk, sign=1.0, what="alpha fit", **fit)
+    _fit_fields(v, ex, "alpha", alpha)
+    v["alpha_theil_sen"], v["alpha_n"] = alpha.theil_sen, alpha.n
+    if not alpha.ok:
+        ex.nan(["alpha_theil_sen"], ex.reasons["alpha"])
+    k2 = _fit_log_log(sig[keep & (ks >= 2)], hh[keep & (ks >= 2)], sign=1.0,
+                      what="alpha fit over k >= 2", bootstrap=0, seed=seed)
+    v["alpha_k2"] = k2.exponent
+    if not k2.ok:
+        ex.nan(["alpha_k2"], "; ".join(k2.warnings))
+    ranks = torch.arange(1, int(keep.sum()) + 1, dtype=torch.float64)
+    gamma = _fit_log_log(ranks, sk, sign=-1.0, what="gamma fit", **fit)
+    _fit_fields(v, ex, "gamma", gamma)
+    v["gamma_theil_sen"] = gamma.theil_sen
+    if not gamma.ok:
+        ex.nan(["gamma_theil_sen"], ex.reasons["gamma"])
+    h_sorted = hh[pos].sort(descending=True).values
+    s_r = _fit_log_log(torch.arange(1, h_sorted.numel() + 1, dtype=torch.float64), h_sorted,
+                       sign=-1.0, what="s_rayleigh fit", **fit)
+    _fit_fields(v, ex, "s_rayleigh", s_r)
+    v["psi_slope"] = log_slope(sig, hh / sig.square(), pos) if alpha.ok else _NAN
+    if not alpha.ok:
+        ex.nan(["psi_slope"], ex.reasons["alpha"])
+    v["predicted_s"] = alpha.exponent * gamma.exponent
+    if math.isnan(v["predicted_s"]):
+        ex.nan(["predicted_s"], "alpha or gamma is undefined")
+    v["transfer_error_rayleigh"] = _transfer_error(s_r.exponent, v["predicted_s"], ex, "rayleigh")
+    if h_sorted.numel():
+        v["pr_h"] = _participation(h_sorted)
+    else:
+        ex.nan(["pr_h"], "no direction with h_k > 0")
+    v["zeta_bound"] = _zeta(s_r.exponent, "zeta_bound", "s_rayleigh", ex)
+
+    _lanczos(v, ex, lambda_top, fit, name)
+    _noise_floor(v, ex, noise_norm, sig, hh, keep, name)
+    _rank_models(v, ex, sk)
+    _alignment(v, ex, sig, hh, keep, C_A, C_delta, U, V)
+    return _finish(v, ex)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def analyze_model(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    targets: Any,
+    *,
+    layers: Iterable[str] | None = None,
+    top_k: int = 20,
+    kronecker_mode: str = "empirical",
+    kronecker_backend: str = "hooks",
+    lanczos_k: int | None = None,
+    noise_floor: bool = True,
+    paper_compatible: bool = False,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    epoch: int | None = None,
+    step: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Report:
+    """Measure every supported layer of ``model`` on one fixed batch and analyze it.
+
+    Per layer: the gradient ``G`` of the mean loss (``torch.autograd.grad``, matrix view), its
+    top-``K`` SVD (:func:`curvlens.linalg.svd.gradient_svd`), the exact ``h_k``
+    (:func:`curvlens.hessian.directional_curvature`), the Kronecker factors
+    (:func:`curvlens.kronecker.kronecker_factors`), the top Hessian-block eigenvalues by Lanczos,
+    and the half-batch noise ``||(G1 - G2)/2||_2``; then :func:`analyze_layer`. Everything runs
+    inside :func:`curvlens.hessian.measurement_mode` (dropout off, batch-norm in eval mode).
+
+    Args:
+        model: the network, called as ``model(*inputs)``.
+        loss_fn: ``loss_fn(output, targets)``, a mean over the batch.
+        inputs: the fixed batch ``[B, ...]`` (a tensor or a tuple of tensors).
+        targets: its targets ``[B, ...]``.
+        layers: qualified layer names (default: every supported layer).
+        top_k: window ``K`` (clipped to ``min(m, n)`` per layer, with a warning in the report).
+        kronecker_mode: ``"empirical"``, ``"fisher"`` or ``"ggn"``; kronecker_backend:
+            ``"hooks"`` or ``"backpack"`` (see :mod:`curvlens.kronecker`).
+        lanczos_k: number of top block eigenvalues (default ``top_k``; 0 skips Lanczos).
+        noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
+        paper_compatible, bootstrap, seed: passed to :func:`analyze_layer`.
+        epoch, step, meta: stored in the :class:`Report`.
+
+    Returns:
+        A :class:`Report` with one :class:`LayerReport` per layer.
+
+    Raises:
+        ValueError: empty batch, bad option, unknown layer.
+        RuntimeError: NaN/Inf loss or gradient (names the layer), a layer the loss does not
+            reach.
+    """
+    from curvlens.hessian import directional_curvature, measurement_mode
+    from curvlens.kronecker import kronecker_factors
+    from curvlens.linalg.svd import gradient_svd
+
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    lanczos_k = top_k if lanczos_k is None else lanczos_k
+    if not isinstance(lanczos_k, int) or lanczos_k < 0:
+        raise ValueError(f"lanczos_k must be a non-negative int, got {lanczos_k!r}")
+    args = _as_inputs(inputs)
+    batch = int(args[0].shape[0])
+    found = find_layers(model, layers, on_unsupported="skip")
+    if not found:
+        raise ValueError("the model has no trainable supported layer (Linear, Conv, Embedding)")
+    names = list(found)
+    with measurement_mode(model):
+        grads = _layer_gradients(model, loss_fn, args, targets, found)
+        noise = (_half_batch_noise(model, loss_fn, args, targets, found)
+                 if noise_floor and batch >= 2 else {})
+        factors = kronecker_factors(model, loss_fn, args, targets, mode=kronecker_mode,
+                                    backend=kronecker_backend, layers=names)
+        notes = _measurement_notes(model, kronecker_mode, kronecker_backend, batch)
+        if not noise_floor or batch < 2:
+            notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
+                                               else "needs a batch of at least 2 samples"))
+        reports: dict[str, LayerReport] = {}
+        for name, info in found.items():
+            G = grads[name]
+            m, n = G.shape
+            k = min(top_k, m, n)
+            extra = [] if k == top_k else [f"top_k={top_k} clipped to min(m, n) = {k}"]
+            if not bool(G.any()):
+                warnings.warn(f"layer {name!r}: the gradient on the fixed batch is exactly zero; "
+                              "its report is NaN", stacklevel=2)
+                reports[name] = analyze_layer(torch.zeros(k), torch.zeros(k), name=name,
+                                              shape=(m, n), kind=info.kind.value, notes=notes)
+                continue
+            U, S, V = gradient_svd(G, k)
+            h = directional_curvature(model, loss_fn, args, targets, info, U, V)
+            lam = (_block_eigenvalues(model, loss_fn, args, targets, info, min(lanczos_k, m * n))
+                   if lanczos_k else None)
+            f = factors[name]
+            reports[name] = analyze_layer(
+                S, h, name=name, shape=(m, n), kind=info.kind.value, C_A=f.C_A,
+                C_delta=f.C_delta, U=U, V=V, lambda_top=lam, noise_norm=noise.get(name),
+                paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
+                notes=notes + extra,
+            )
+    info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
+            "kronecker_backend": str(kronecker_backend), "batch_size": batch,
+            "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed}
+    return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
+
+
+def _as_inputs(inputs: Any) -> tuple[Any, ...]:
+    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+        raise ValueError("inputs must be a tensor [B, ...] or a tuple of tensors with a batch "
+                         "dimension")
+    if args[0].shape[0] == 0:
+        raise ValueError("empty batch: inputs have batch size 0; pass at least one sample")
+    return args
+
+
+def _layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+                     found: dict[str, LayerInfo], what: str = "the fixed batch"
+                     ) -> dict[str, Tensor]:
+    """``{name: dL/dW [m, n]}`` of the mean loss, checked for NaN/Inf and unused layers."""
+    loss = loss_fn(model(*args), targets)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                         f"{tuple(getattr(loss, 'shape', ()))}")
+    if not bool(torch.isfinite(loss)):
+        raise RuntimeError(f"the loss on {what} is {float(loss)}; check the inputs, the "
+                           "targets and the learning rate")
+    weights = [info.weight for info in found.values()]
+    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    out: dict[str, Tensor] = {}
+    for (name, info), g in zip(found.items(), grads):
+        if g is None:
+            raise RuntimeError(f"layer {name!r} is not used by the loss on {what}; leave it "
+                               "out with `layers=`")
+        if not bool(torch.isfinite(g).all()):
+            raise RuntimeError(f"layer {name!r}: the gradient on {what} has NaN or Inf "
+                               "entries; check the loss scale, the inputs and the weights")
+        out[name] = g.detach().reshape(info.matrix_shape)
+    return out
+
+
+def _half_batch_noise(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+                      found: dict[str, LayerInfo]) -> dict[str, float]:
+    """``{name: ||(G1 - G2) / 2||_2}`` for the two halves of the batch."""
+    half = int(args[0].shape[0]) // 2
+
+    def part(sl: slice) -> tuple[tuple, Any]:
+        sub = tuple(a[sl] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+        return sub, targets[sl] if isinstance(targets, Tensor) else targets
+
+    g1 = _layer_gradients(model, loss_fn, *part(slice(0, half)), found, "the first half-batch")
+    g2 = _layer_gradients(model, loss_fn, *part(slice(half, 2 * half)), found,
+                          "the second half-batch")
+    return {name: float(torch.linalg.matrix_norm((g1[name] - g2[name]).double() / 2, ord=2))
+            for name in found}
+
+
+def _block_eigenvalues(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+                       info: LayerInfo, k: int) -> Tensor:
+    try:
+        from curvlens.hessian_spectrum import block_eigenvalues
+    except ImportError:
+        from curvlens.hessian import block_eigenvalues
+    return block_eigenvalues(model, loss_fn, args, targets, info, k)
+
+
+def _measurement_notes(model: nn.Module, mode: str, backend: str, batch: int) -> list[str]:
+    from curvlens._modes import STOCHASTIC_MODULES
+
+    notes = [f"fixed batch of {batch} samples; Kronecker factors: mode={mode!s}, "
+             f"backend={backend!s} (conv: C_delta carries the T output locations; chi's level "
+             "depends on this convention, slopes do not)"]
+    switched = sorted({type(m).__name__ for m in model.modules()
+                       if isinstance(m, STOCHASTIC_MODULES)})
+    if switched:
+        notes.append(f"measured with dropout off and batch-norm in eval mode ({', '.join(switched)}"
+                     " switched to eval during measurement)")
+    return notes

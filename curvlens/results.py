@@ -1,0 +1,251 @@
+"""What curvlens reports: :class:`LayerReport` per layer and :class:`Report` per model.
+
+Plain dataclasses (numbers, lists of floats, small dicts) so that tables, JSON/CSV and plots
+(:mod:`curvlens.report`) can be built on them; ``to_dict`` / ``from_dict`` round-trip losslessly
+through JSON (NaN included). The quantities are those of "Spectral Asymptotics of Neural Network
+Loss Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026,
+arXiv:2606.02596) as shared/SPEC.md sections 1 and 2 define them; :mod:`curvlens.analysis`
+computes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "Report"]
+
+_NAN = float("nan")
+_FORMAT = "curvlens.report"
+_VERSION = 1
+
+
+def _nan_pair() -> tuple[float, float]:
+    return (_NAN, _NAN)
+
+
+@dataclass
+class LayerReport:
+    """Everything curvlens measured on one layer (shared/SPEC.md section 1).
+
+    Plain data: numbers, lists of floats, small dicts. NaN marks an undefined quantity and
+    ``nan_reasons[field]`` says why. Per-direction lists are indexed by ``k - 1`` over the
+    top-``K`` window.
+
+    Attributes:
+        name, shape, kind: qualified layer name, ``(m, n)`` matrix shape, ``"conv"``,
+            ``"linear"``, ``"embedding"`` or ``"head"``.
+        top_k: window size ``K``; rank: numerical rank of the gradient within the window.
+        sigma: [K] gradient singular values; h: [K] directional curvatures (``h_k <= 0`` kept);
+            h_kron: [K] Kronecker-model curvatures; lambda_top: top Hessian-block eigenvalues.
+        alpha, alpha_r2, alpha_ci, alpha_theil_sen, alpha_n: curvature exponent fit (``n``
+            points); alpha_k2: over ``k >= 2``.
+        gamma, gamma_r2, gamma_ci, gamma_theil_sen: gradient rank-decay exponent.
+        s_rayleigh, s_rayleigh_r2, s_rayleigh_ci: decay exponent of sorted ``h``;
+            s_lanczos, s_lanczos_r2, s_lanczos_ci: of the Lanczos eigenvalues.
+        predicted_s: ``alpha * gamma``; transfer_error_rayleigh / _lanczos: ``|s - alpha gamma|/s``.
+        psi_slope: ``b(h / sigma^2)``, equal to ``alpha - 2``.
+        b_chi, b_rho_delta, b_rho_A, b_lambda_delta, b_lambda_A: the alpha budget (sums to alpha);
+            beta: ``b(Lambda)``; phi: ``b(Phi)``; chi, rho_delta, rho_A, lambda_delta, lambda_A:
+            their [K] per-direction values.
+        pr_h, pr_lambda: participation ratios of positive ``h`` / Lanczos eigenvalues;
+            zeta_bound, zeta_bound_lanczos: ``zeta(s)^2 / zeta(2s)`` for each ``s``.
+        bic_best: rank-profile model of ``sigma`` with the lowest BIC; bic, aic: all three scores.
+        noise_norm: ``||(G1 - G2) / 2||_2`` of two half-batch gradients; noise_floor: twice it;
+            k_kept: number of ``sigma_k`` above the floor; alpha_above_floor: alpha over those.
+        n_negative_h: number of ``h_k <= 0``; n_negative_lambda: of Lanczos eigenvalues ``<= 0``.
+        weight_alpha: heavy-tail exponent of the weight spectrum (filled by ``curvlens.spectra``).
+        notes: how it was measured; nan_reasons: ``{field: why it is NaN}``; warnings: every
+            caveat and every NaN explanation, human readable.
+    """
+
+    name: str = ""
+    shape: tuple[int, int] = (0, 0)
+    kind: str = ""
+    top_k: int = 0
+    rank: int = 0
+    sigma: list[float] = field(default_factory=list)
+    h: list[float] = field(default_factory=list)
+    h_kron: list[float] = field(default_factory=list)
+    lambda_top: list[float] = field(default_factory=list)
+    alpha: float = _NAN
+    alpha_r2: float = _NAN
+    alpha_ci: tuple[float, float] = field(default_factory=_nan_pair)
+    alpha_theil_sen: float = _NAN
+    alpha_n: int = 0
+    alpha_k2: float = _NAN
+    gamma: float = _NAN
+    gamma_r2: float = _NAN
+    gamma_ci: tuple[float, float] = field(default_factory=_nan_pair)
+    gamma_theil_sen: float = _NAN
+    s_rayleigh: float = _NAN
+    s_rayleigh_r2: float = _NAN
+    s_rayleigh_ci: tuple[float, float] = field(default_factory=_nan_pair)
+    s_lanczos: float = _NAN
+    s_lanczos_r2: float = _NAN
+    s_lanczos_ci: tuple[float, float] = field(default_factory=_nan_pair)
+    predicted_s: float = _NAN
+    transfer_error_rayleigh: float = _NAN
+    transfer_error_lanczos: float = _NAN
+    psi_slope: float = _NAN
+    b_chi: float = _NAN
+    b_rho_delta: float = _NAN
+    b_rho_A: float = _NAN
+    b_lambda_delta: float = _NAN
+    b_lambda_A: float = _NAN
+    beta: float = _NAN
+    phi: float = _NAN
+    chi: list[float] = field(default_factory=list)
+    rho_delta: list[float] = field(default_factory=list)
+    rho_A: list[float] = field(default_factory=list)
+    lambda_delta: list[float] = field(default_factory=list)
+    lambda_A: list[float] = field(default_factory=list)
+    pr_h: float = _NAN
+    pr_lambda: float = _NAN
+    zeta_bound: float = _NAN
+    zeta_bound_lanczos: float = _NAN
+    bic_best: str = ""
+    bic: dict[str, float] = field(default_factory=dict)
+    aic: dict[str, float] = field(default_factory=dict)
+    noise_norm: float = _NAN
+    noise_floor: float = _NAN
+    k_kept: int = 0
+    alpha_above_floor: float = _NAN
+    n_negative_h: int = 0
+    n_negative_lambda: int = 0
+    weight_alpha: float = _NAN
+    notes: list[str] = field(default_factory=list)
+    nan_reasons: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def chi_slope(self) -> float:
+        """``b(chi)``, the slope of the Kronecker-model error (alias of ``b_chi``)."""
+        return self.b_chi
+
+    @property
+    def alpha_budget(self) -> float:
+        """``b(chi) + b(rho_delta) + b(rho_A) + b(lambda_delta) + b(lambda_A)`` (= ``alpha``)."""
+        return (self.b_chi + self.b_rho_delta + self.b_rho_A + self.b_lambda_delta
+                + self.b_lambda_A)
+
+    def scalar_fields(self) -> dict[str, float]:
+        """``{name: value}`` of every float field and every CI end (``alpha_ci[0]`` ...)."""
+        out: dict[str, float] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":
+                out[f.name] = value
+            elif f.name.endswith("_ci"):
+                out[f"{f.name}[0]"], out[f"{f.name}[1]"] = value
+        return out
+
+    def unexplained_nans(self) -> list[str]:
+        """Fields that are NaN without a reason in ``nan_reasons`` (empty for a correct report)."""
+        return [
+            name for name, value in self.scalar_fields().items()
+            if isinstance(value, float) and math.isnan(value)
+            and name.split("[")[0] not in self.nan_reasons
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict (lists for tuples; NaN stays a float)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, (list, dict)):
+                value = value.copy()
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerReport:
+        """Inverse of :meth:`to_dict`; missing fields take their defaults, ``None`` reads as NaN.
+
+        Raises:
+            TypeError: ``data`` is not a mapping.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"LayerReport.from_dict needs a mapping, got {type(data).__name__}")
+        kwargs: dict[str, Any] = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            warnings.warn(f"LayerReport.from_dict ignores unknown fields {unknown}", stacklevel=2)
+        for name, f in known.items():
+            if name not in data:
+                continue
+            value = data[name]
+            if f.type == "float":
+                value = _NAN if value is None else float(value)
+            elif f.type == "int":
+                value = int(value)
+            elif name == "shape":
+                value = tuple(int(v) for v in value)
+            elif name.endswith("_ci"):
+                value = tuple(_NAN if v is None else float(v) for v in value)
+            elif f.type == "list[float]":
+                value = [_NAN if v is None else float(v) for v in value]
+            elif f.type == "dict[str, float]":
+                value = {str(k): _NAN if v is None else float(v) for k, v in value.items()}
+            elif isinstance(value, (list, dict)):
+                value = value.copy()
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+@dataclass
+class Report:
+    """One analysis of a model: a :class:`LayerReport` per layer.
+
+    Attributes:
+        layers: ``{layer name: LayerReport}`` in module order.
+        epoch, step: when it was measured (``None`` if not given).
+        meta: free-form JSON-compatible settings (top_k, modes, batch size, ...).
+    """
+
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    epoch: int | None = None
+    step: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict: ``json.dumps`` works on it (NaN is written as ``NaN``)."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "epoch": self.epoch,
+            "step": self.step,
+            "meta": dict(self.meta),
+            "layers": {name: rep.to_dict() for name, rep in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: not a curvlens report, or a newer format version.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
+            raise ValueError(
+                f"not a curvlens report (expected format {_FORMAT!r}); got keys "
+                f"{sorted(data)[:8] if isinstance(data, Mapping) else type(data).__name__}"
+            )
+        if int(data.get("version", 0)) > _VERSION:
+            raise ValueError(
+                f"report format version {data['version']} is newer than this curvlens "
+                f"({_VERSION}); upgrade curvlens to read it"
+            )
+        return cls(
+            layers={n: LayerReport.from_dict(d) for n, d in data.get("layers", {}).items()},
+            epoch=data.get("epoch"),
+            step=data.get("step"),
+            meta=dict(data.get("meta", {})),
+        )
