@@ -48,9 +48,14 @@ from curvlens._layer_fields import (
     _zero_gradient,
     _zeta,
 )
+from curvlens._modes import STOCHASTIC_MODULES
 from curvlens.alignment import log_slope
 from curvlens.fit import _fit_log_log, _participation
+from curvlens.hessian import directional_curvature, measurement_mode
+from curvlens.hessian_spectrum import block_eigenvalues
+from curvlens.kronecker import kronecker_factors
 from curvlens.layers import LayerInfo, find_layers
+from curvlens.linalg.svd import gradient_svd
 from curvlens.results import LayerReport, Report
 
 __all__ = ["LayerReport", "Report", "analyze_layer", "analyze_model"]
@@ -213,7 +218,7 @@ def analyze_model(
     layers: Iterable[str] | None = None,
     top_k: int = 20,
     kronecker_mode: str = "empirical",
-    kronecker_backend: str = "hooks",
+    kronecker_backend: str | None = "hooks",
     lanczos_k: int | None = None,
     noise_floor: bool = True,
     paper_compatible: bool = False,
@@ -240,7 +245,8 @@ def analyze_model(
         layers: qualified layer names (default: every supported layer).
         top_k: window ``K`` (clipped to ``min(m, n)`` per layer, with a warning in the report).
         kronecker_mode: ``"empirical"``, ``"fisher"`` or ``"ggn"``; kronecker_backend:
-            ``"hooks"`` or ``"backpack"`` (see :mod:`curvlens.kronecker`).
+            ``"hooks"`` or ``"backpack"`` (see :mod:`curvlens.kronecker`), or ``None`` to skip
+            the factors (no ``h_kron``, no alpha budget; the report says so).
         lanczos_k: number of top block eigenvalues (default ``top_k``; 0 skips Lanczos).
         noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
         paper_compatible, bootstrap, seed: passed to :func:`analyze_layer`.
@@ -254,10 +260,6 @@ def analyze_model(
         RuntimeError: NaN/Inf loss or gradient (names the layer), a layer the loss does not
             reach.
     """
-    from curvlens.hessian import directional_curvature, measurement_mode
-    from curvlens.kronecker import kronecker_factors
-    from curvlens.linalg.svd import gradient_svd
-
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     lanczos_k = top_k if lanczos_k is None else lanczos_k
@@ -273,8 +275,9 @@ def analyze_model(
         grads = _layer_gradients(model, loss_fn, args, targets, found)
         noise = (_half_batch_noise(model, loss_fn, args, targets, found)
                  if noise_floor and batch >= 2 else {})
-        factors = kronecker_factors(model, loss_fn, args, targets, mode=kronecker_mode,
-                                    backend=kronecker_backend, layers=names)
+        factors = ({} if kronecker_backend is None else
+                   kronecker_factors(model, loss_fn, args, targets, mode=kronecker_mode,
+                                     backend=kronecker_backend, layers=names))
         notes = _measurement_notes(model, kronecker_mode, kronecker_backend, batch)
         if not noise_floor or batch < 2:
             notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
@@ -293,12 +296,13 @@ def analyze_model(
                 continue
             U, S, V = gradient_svd(G, k)
             h = directional_curvature(model, loss_fn, args, targets, info, U, V)
-            lam = (_block_eigenvalues(model, loss_fn, args, targets, info, min(lanczos_k, m * n))
+            lam = (block_eigenvalues(model, loss_fn, args, targets, info, min(lanczos_k, m * n))
                    if lanczos_k else None)
-            f = factors[name]
+            f = factors.get(name)
             reports[name] = analyze_layer(
-                S, h, name=name, shape=(m, n), kind=info.kind.value, C_A=f.C_A,
-                C_delta=f.C_delta, U=U, V=V, lambda_top=lam, noise_norm=noise.get(name),
+                S, h, name=name, shape=(m, n), kind=info.kind.value,
+                C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
+                U=U, V=V, lambda_top=lam, noise_norm=noise.get(name),
                 paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
                 notes=notes + extra,
             )
@@ -359,21 +363,14 @@ def _half_batch_noise(model: nn.Module, loss_fn: Callable, args: tuple, targets:
             for name in found}
 
 
-def _block_eigenvalues(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
-                       info: LayerInfo, k: int) -> Tensor:
-    try:
-        from curvlens.hessian_spectrum import block_eigenvalues
-    except ImportError:
-        from curvlens.hessian import block_eigenvalues
-    return block_eigenvalues(model, loss_fn, args, targets, info, k)
-
-
 def _measurement_notes(model: nn.Module, mode: str, backend: str, batch: int) -> list[str]:
-    from curvlens._modes import STOCHASTIC_MODULES
-
-    notes = [f"fixed batch of {batch} samples; Kronecker factors: mode={mode!s}, "
-             f"backend={backend!s} (conv: C_delta carries the T output locations; chi's level "
-             "depends on this convention, slopes do not)"]
+    notes = [f"fixed batch of {batch} samples"]
+    if backend is None:
+        notes.append("Kronecker factors not measured (kronecker_backend=None)")
+    else:
+        notes.append(f"Kronecker factors: mode={getattr(mode, 'value', mode)}, backend="
+                     f"{getattr(backend, 'value', backend)} (conv: C_delta carries the T output "
+                     "locations; chi's level depends on this convention, slopes do not)")
     switched = sorted({type(m).__name__ for m in model.modules()
                        if isinstance(m, STOCHASTIC_MODULES)})
     if switched:
