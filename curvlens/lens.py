@@ -1,0 +1,485 @@
+r"""CurvatureLens: per-layer curvature measured inside the training loop the user already has.
+
+The lens implements the measurement protocol of "Spectral Asymptotics of Neural Network Loss
+Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596;
+shared/SPEC.md section 1) as a context manager around training:
+
+* ``with lens:`` registers one forward hook per measured layer (a
+  :class:`~curvlens.hooks.Capture`) and removes every hook on exit, also when the body raises;
+* ``lens.step()`` after ``loss.backward()`` is cheap: every ``every`` steps it takes the top-K
+  singular values of each layer's gradient (``weight.grad`` in its matrix view, by
+  :func:`~curvlens.linalg.svd.gradient_svd`) and adds that step's captured inputs and output
+  gradients to running Kronecker factors (:class:`~curvlens.kronecker.FactorAccumulator`); on
+  the other steps the hooks record nothing and ``step()`` only counts;
+* ``lens.analyze(x, y, epoch=...)`` runs the full measurement on a fixed batch
+  (:func:`curvlens.analysis.analyze_model`: exact HVPs, Lanczos, fits) and appends the
+  :class:`~curvlens.analysis.Report` to ``lens.history``.
+
+The lens never changes what training computes: it only reads ``.grad``, its hooks only store
+detached tensors, ``analyze`` runs with the parameters' ``.grad`` set aside and restored, with
+dropout/batch-norm frozen (:func:`curvlens._modes.measurement_mode`), its own capture paused,
+and the global random number generators forked (``torch.random.fork_rng``), so a seeded run
+with the lens gives bit-for-bit the same losses and parameters as without it (tested).
+
+Running factors come from the training backward itself, i.e. the empirical (true-label)
+factors averaged over the recorded steps since the last :meth:`CurvatureLens.reset_running`;
+``mode`` selects the factors of the fixed-batch analysis.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> loss_fn = nn.CrossEntropyLoss()
+    >>> lens = CurvatureLens(net, loss_fn, top_k=3, every=2)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> with lens:
+    ...     for _ in range(4):
+    ...         loss_fn(net(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+    ...         lens.step()
+    ...         opt.step(); opt.zero_grad()
+    >>> lens.num_steps, [s for s, _ in lens.gradient_spectra["0"]]
+    (4, [0, 2])
+    >>> net[0]._forward_hooks
+    OrderedDict()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from enum import Enum
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlens._modes import measurement_mode
+from curvlens.hooks import Capture
+from curvlens.kronecker import FactorAccumulator, FactorMode, KroneckerFactors, batch_scale
+from curvlens.layers import LayerInfo, OnUnsupported, find_layers
+from curvlens.linalg.svd import gradient_svd
+
+__all__ = ["CurvatureLens", "KroneckerSource"]
+
+
+class KroneckerSource(str, Enum):
+    """Where the lens gets Kronecker factors.
+
+    ``"hooks"``: running factors from the training steps by curvlens's own hooks, and the
+    fixed-batch factors of :meth:`CurvatureLens.analyze` by the hooks backend;
+    ``"backpack"``: running factors by hooks, fixed-batch factors by BackPACK;
+    ``"none"``: no factors (no hooks at all; the alignment budget is left NaN).
+    """
+
+    HOOKS = "hooks"
+    BACKPACK = "backpack"
+    NONE = "none"
+
+
+def _enum(cls: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(
+            f"{what} must be one of {[v.value for v in cls]}, got {value!r}"
+        ) from None
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    return value
+
+
+class CurvatureLens:
+    """Attach curvature measurements to a training loop.
+
+    Args:
+        model: the network being trained.
+        loss_fn: ``loss_fn(model(*inputs), targets)``, a scalar mean (or sum) over the batch;
+            the same function the training loop uses.
+        layers: qualified names of the layers to measure (default: every supported layer with
+            a trainable weight).
+        top_k: size ``K`` of the singular-value window (clipped per layer to ``min(m, n)``).
+        every: ``step()`` records on steps ``0, every, 2*every, ...``.
+        kronecker: ``"hooks"``, ``"backpack"`` or ``"none"`` (:class:`KroneckerSource`).
+        mode: factors of the fixed-batch analysis: ``"empirical"``, ``"fisher"`` or ``"ggn"``.
+        device: device of the fixed batch in :meth:`analyze` (default: the model's).
+        on_unsupported: trainable parameters outside supported layers: ``"error"``, ``"warn"``
+            or ``"skip"``.
+        lanczos_k: Hessian-block eigenvalues per layer in :meth:`analyze` (default: the
+            analysis default).
+        analyze_options: further keyword arguments for
+            :func:`curvlens.analysis.analyze_model` (e.g. ``{"bootstrap": 0}``).
+        check_finite: check the recorded gradients for NaN/Inf (one host sync per recording
+            step).
+
+    Attributes:
+        history: every :class:`~curvlens.analysis.Report` of :meth:`analyze`, oldest first.
+        gradient_spectra: ``{layer: [(step, sigma [k]), ...]}`` recorded by :meth:`step`.
+        num_steps: how many times :meth:`step` was called.
+
+    Raises:
+        ValueError: an invalid option, or a layer selection :func:`curvlens.find_layers`
+            rejects.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        *,
+        layers: Iterable[str] | None = None,
+        top_k: int = 20,
+        every: int = 50,
+        kronecker: KroneckerSource | str = KroneckerSource.HOOKS,
+        mode: FactorMode | str = FactorMode.EMPIRICAL,
+        device: torch.device | str | None = None,
+        on_unsupported: OnUnsupported | str = OnUnsupported.WARN,
+        lanczos_k: int | None = None,
+        analyze_options: Mapping[str, Any] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.top_k = _positive_int(top_k, "top_k")
+        self.every = _positive_int(every, "every")
+        self.kronecker = _enum(KroneckerSource, kronecker, "kronecker")
+        self.mode = _enum(FactorMode, mode, "mode")
+        self.on_unsupported = _enum(OnUnsupported, on_unsupported, "on_unsupported")
+        self.lanczos_k = None if lanczos_k is None else _positive_int(lanczos_k, "lanczos_k")
+        self.device = None if device is None else torch.device(device)
+        self.analyze_options = dict(analyze_options or {})
+        self.check_finite = bool(check_finite)
+        self.layers: dict[str, LayerInfo] = find_layers(
+            model, layers, on_unsupported=self.on_unsupported
+        )
+        if not self.layers:
+            raise ValueError(
+                f"no layer to measure in {type(model).__name__}: curvlens measures trainable "
+                "nn.Linear / nn.Conv{1,2,3}d / nn.Embedding weights (register others with "
+                "curvlens.register_layer)"
+            )
+        self.history: list[Any] = []
+        self.gradient_spectra: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in self.layers}
+        self.num_steps = 0
+        self._capture: Capture | None = None
+        self._paused = False
+        self._accumulator = FactorAccumulator(self.layers)
+        self._recorded_factor_steps = 0
+
+    # ----------------------------------------------------------------- context manager
+    @property
+    def active(self) -> bool:
+        """Whether the lens is inside its ``with`` block."""
+        return self._capture is not None
+
+    def __enter__(self) -> CurvatureLens:
+        if self.active:
+            raise RuntimeError("this CurvatureLens is already active; `with lens:` cannot nest")
+        if self.kronecker is not KroneckerSource.NONE:
+            capture = Capture(self.model, self.layers, enabled=self._recording)
+            capture.__enter__()
+            self._capture = capture
+        else:
+            self._capture = _NoCapture()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook of the lens and drop captured tensors (safe to call twice)."""
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.clear()
+            capture.remove()
+
+    def _recording(self) -> bool:
+        """Called by the capture on every forward: record only on recording steps."""
+        return not self._paused and self.num_steps % self.every == 0
+
+    @property
+    def recording_step(self) -> bool:
+        """Whether the next :meth:`step` records (forward passes before it are captured)."""
+        return self.num_steps % self.every == 0
+
+    # ----------------------------------------------------------------- training steps
+    def step(self) -> None:
+        """Record gradient spectra and Kronecker factors of this step (every ``every`` steps).
+
+        Call it after ``loss.backward()`` and before ``optimizer.step()`` / ``zero_grad()``.
+        Gradients, parameters and random streams are only read.
+
+        Raises:
+            RuntimeError: called outside ``with lens:``; a measured layer has no gradient
+                (frozen or unused in the forward pass); NaN/Inf in a layer's gradient. Each
+                message names the layer.
+        """
+        if not self.active:
+            raise RuntimeError(
+                "CurvatureLens.step() was called outside its context: wrap the training loop "
+                "in `with lens:` (the hooks that record Kronecker factors live there)"
+            )
+        try:
+            if self.recording_step:
+                self._record()
+        finally:
+            self._capture.clear()
+            self.num_steps += 1
+
+    def _record(self) -> None:
+        grads: dict[str, Tensor] = {}
+        for name, info in self.layers.items():
+            grad = info.weight.grad
+            if grad is None:
+                raise RuntimeError(
+                    f"layer {name!r} has no gradient at lens.step(): it is frozen or was not "
+                    "used in the forward pass. Call lens.step() after loss.backward(), or leave "
+                    f"the layer out with CurvatureLens(..., layers=[...])"
+                )
+            grads[name] = grad.detach().reshape(grad.shape[0], -1)  # [m, n]
+        if self.check_finite:
+            finite = torch.stack([torch.isfinite(g).all() for g in grads.values()])
+            if not bool(finite.all()):  # one host sync per recording step
+                bad = [n for n, ok in zip(grads, finite.tolist()) if not ok]
+                raise RuntimeError(
+                    f"NaN or Inf in the gradient of layer {bad[0]!r} (all affected: {bad}) at "
+                    f"step {self.num_steps}; lower the learning rate, check the loss and the "
+                    "inputs, or clip gradients"
+                )
+        step = self.num_steps
+        for name, G in grads.items():
+            k = min(self.top_k, *G.shape)
+            _, S, _ = gradient_svd(G, k)
+            self.gradient_spectra[name].append((step, S.detach()))
+        if isinstance(self._capture, Capture):
+            self._accumulate(self._capture)
+
+    def _accumulate(self, capture: Capture) -> None:
+        added = False
+        for name, record in capture.records.items():
+            for x, g in record.pairs():
+                batch = int(x.shape[0]) if x.dim() > 0 else 1
+                self._accumulator.add_inputs(name, x)
+                try:
+                    self._accumulator.add_grads(
+                        name, g, scale=batch_scale(self.loss_fn, batch), samples=batch
+                    )
+                except RuntimeError as err:
+                    raise RuntimeError(f"{err} (at training step {self.num_steps})") from None
+                added = True
+        self._recorded_factor_steps += int(added)
+
+    # ----------------------------------------------------------------- running statistics
+    def running_factors(self) -> dict[str, KroneckerFactors]:
+        """Kronecker factors averaged over the recorded training steps since the last reset.
+
+        Layers that saw no captured backward are left out.
+
+        Returns:
+            ``{layer: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``.
+        """
+        acc = self._accumulator
+        seen = {n: info for n, info in self.layers.items()
+                if acc.num_samples[n] > 0 and acc._rows_in[n] > 0}
+        if not seen:
+            return {}
+        sub = FactorAccumulator(seen)
+        for n in seen:
+            sub._in[n], sub._grad[n] = acc._in[n], acc._grad[n]
+            sub._rows_in[n], sub.num_samples[n] = acc._rows_in[n], acc.num_samples[n]
+        return sub.factors()
+
+    def reset_running(self) -> None:
+        """Forget the running Kronecker factors (the gradient spectra history stays)."""
+        self._accumulator = FactorAccumulator(self.layers)
+        self._recorded_factor_steps = 0
+
+    def latest_alphas(self) -> dict[str, float]:
+        """``{layer: alpha}`` of the latest :meth:`analyze` (empty before the first one).
+
+        This is what :class:`curvlens.SpectralNewton` reads with ``alpha="auto"``; undefined
+        exponents are NaN.
+        """
+        if not self.history:
+            return {}
+        return {name: float(rep.alpha) for name, rep in self.history[-1].layers.items()}
+
+    def gamma_trace(self) -> dict[str, list[tuple[int, float]]]:
+        """``{layer: [(step, gamma), ...]}``: the rank-decay exponent of each recorded spectrum.
+
+        ``gamma = -slope`` of ``log sigma_k`` on ``log k`` over the positive ``sigma_k``; NaN
+        where fewer than three are positive.
+        """
+        out: dict[str, list[tuple[int, float]]] = {}
+        for name, records in self.gradient_spectra.items():
+            out[name] = [(step, _rank_slope(S)) for step, S in records]
+        return out
+
+    # ----------------------------------------------------------------- full analysis
+    def analyze(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        targets: Tensor,
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+    ) -> Any:
+        """Full per-layer measurement on a fixed batch; appended to :attr:`history`.
+
+        Runs :func:`curvlens.analysis.analyze_model` with the lens's layers, ``top_k``,
+        ``mode``, Kronecker backend and options, in measurement mode (dropout off, batch-norm
+        in eval), with the hooks of the lens paused, the parameters' ``.grad`` set aside and
+        restored, and the global RNG state forked: training continues exactly as without it.
+        Works inside or outside ``with lens:``.
+
+        Args:
+            inputs: the fixed batch ``[B, ...]`` (a tensor, or a tuple for ``model(*inputs)``).
+            targets: its targets ``[B, ...]``.
+            epoch: stored in the report.
+            step: stored in the report (default: the lens's step count).
+
+        Returns:
+            The :class:`~curvlens.analysis.Report`.
+
+        Raises:
+            ValueError: empty batch, or inputs on another device than the model.
+            TypeError: floating-point inputs of another dtype than the model.
+        """
+        from curvlens.analysis import analyze_model
+
+        inputs_t = inputs if isinstance(inputs, tuple) else (inputs,)
+        device = self._device()
+        if self.device is not None:
+            inputs_t = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs_t)
+            targets = targets.to(device) if isinstance(targets, Tensor) else targets
+        self._check_batch(inputs_t, targets, device)
+        options: dict[str, Any] = {
+            "layers": list(self.layers),
+            "top_k": self.top_k,
+            "kronecker_mode": self.mode.value,
+        }
+        if self.lanczos_k is not None:
+            options["lanczos_k"] = self.lanczos_k
+        options.update(_kronecker_options(analyze_model, self.kronecker))
+        options.update(self.analyze_options)
+        params = [p for p in self.model.parameters()]
+        saved = [p.grad for p in params]
+        rng_devices = [device] if device.type == "cuda" else []
+        self._paused = True
+        try:
+            for p in params:
+                p.grad = None
+            with torch.random.fork_rng(devices=rng_devices), measurement_mode(self.model):
+                report = analyze_model(
+                    self.model, self.loss_fn,
+                    inputs_t if len(inputs_t) > 1 else inputs_t[0], targets, **options,
+                )
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            self._paused = False
+        report.epoch = epoch if epoch is not None else report.epoch
+        report.step = step if step is not None else self.num_steps
+        report.meta.setdefault("lens", {}).update(self._meta())
+        self.history.append(report)
+        return report
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
+        first = next(iter(self.layers.values())).weight
+        return first.device
+
+    def _check_batch(self, inputs: tuple, targets: Any, device: torch.device) -> None:
+        dtype = next(iter(self.layers.values())).weight.dtype
+        for i, x in enumerate((*inputs, targets)):
+            what = "targets" if i == len(inputs) else f"inputs[{i}]"
+            if not isinstance(x, Tensor):
+                continue
+            if x.dim() > 0 and x.shape[0] == 0:
+                raise ValueError(
+                    f"lens.analyze got an empty batch ({what} has shape {tuple(x.shape)}); "
+                    "pass a fixed batch with at least one sample"
+                )
+            if x.device.type != device.type or (
+                device.index is not None and x.device.index not in (None, device.index)
+            ):
+                raise ValueError(
+                    f"lens.analyze: {what} is on {x.device} but the model is on {device}; "
+                    f"move the batch with .to({str(device)!r}) or pass CurvatureLens(device=...)"
+                )
+            if what != "targets" and x.is_floating_point() and x.dtype != dtype:
+                raise TypeError(
+                    f"lens.analyze: {what} has dtype {x.dtype} but the model's weights are "
+                    f"{dtype}; convert the batch with .to({dtype})"
+                )
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "top_k": self.top_k,
+            "every": self.every,
+            "kronecker": self.kronecker.value,
+            "mode": self.mode.value,
+            "num_steps": self.num_steps,
+            "recorded_factor_steps": self._recorded_factor_steps,
+            "train_gamma": {
+                name: trace[-1][1] for name, trace in self.gamma_trace().items() if trace
+            },
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"CurvatureLens({type(self.model).__name__}, layers={list(self.layers)}, "
+            f"top_k={self.top_k}, every={self.every}, kronecker={self.kronecker.value!r}, "
+            f"mode={self.mode.value!r}, active={self.active}, reports={len(self.history)})"
+        )
+
+
+class _NoCapture:
+    """Stand-in capture for ``kronecker="none"``: no hooks, nothing recorded."""
+
+    def clear(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
+def _kronecker_options(analyze_model: Callable, source: KroneckerSource) -> dict[str, Any]:
+    """Map the lens's Kronecker source onto the keywords ``analyze_model`` accepts."""
+    import inspect
+
+    params = inspect.signature(analyze_model).parameters
+    out: dict[str, Any] = {}
+    if "kronecker_backend" in params:
+        if source is KroneckerSource.NONE:
+            out["kronecker_backend"] = None
+        else:
+            out["kronecker_backend"] = source.value
+    elif "kronecker" in params:
+        out["kronecker"] = source is not KroneckerSource.NONE
+    return out
+
+
+def _rank_slope(S: Tensor) -> float:
+    s = S.detach().to(torch.float64).cpu()
+    s = s[s > 0]
+    if s.numel() < 3:
+        return math.nan
+    x = torch.log(torch.arange(1, s.numel() + 1, dtype=torch.float64))
+    y = torch.log(s)
+    x = x - x.mean()
+    return float(-(x * (y - y.mean())).sum() / (x * x).sum())

@@ -1,0 +1,225 @@
+"""Tests of curvlens.lens: hooks lifecycle, `every`, training identity, running statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from curvlens.kronecker import kronecker_factors
+from curvlens.lens import CurvatureLens
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.2), nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 8),
+        nn.Tanh(), nn.Linear(8, 5),
+    )
+
+
+def _data(n: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+def _train(steps: int, lens_kwargs: dict | None, analyze_at: tuple[int, ...] = ()):
+    """Seeded training with dropout and random batches; returns (losses, params, lens)."""
+    torch.manual_seed(0)
+    model = _cnn()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x_all, y_all = _data()
+    losses = []
+    lens = CurvatureLens(model, loss_fn, **lens_kwargs) if lens_kwargs is not None else None
+    ctx = lens if lens is not None else torch.enable_grad()
+    with ctx:
+        for t in range(steps):
+            idx = torch.randperm(64)[:16]  # uses the global RNG, like a DataLoader
+            loss = loss_fn(model(x_all[idx]), y_all[idx])
+            loss.backward()
+            if lens is not None:
+                lens.step()
+                if t in analyze_at:
+                    lens.analyze(x_all[:16], y_all[:16], epoch=t)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()], lens
+
+
+def test_training_identical_with_step_only():
+    plain_losses, plain_params, _ = _train(7, None)
+    losses, params, lens = _train(7, {"top_k": 3, "every": 2, "on_unsupported": "skip"})
+    assert losses == plain_losses  # bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(params, plain_params))
+    assert lens.num_steps == 7
+    assert _hook_count(lens.model) == 0
+
+
+def test_every_is_honoured():
+    _, _, lens = _train(7, {"top_k": 3, "every": 3, "on_unsupported": "skip"})
+    for name, records in lens.gradient_spectra.items():
+        assert [s for s, _ in records] == [0, 3, 6], name
+    # factors: 3 recorded steps of 16 samples each
+    assert lens._recorded_factor_steps == 3
+    assert all(n == 48 for n in lens._accumulator.num_samples.values())
+
+
+def test_recorded_spectrum_matches_svd_of_grad():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    lens = CurvatureLens(model, loss_fn, top_k=4, every=1)
+    with lens:
+        loss_fn(model(x), y).backward()
+        lens.step()
+    ref = torch.linalg.svdvals(model[0].weight.grad)[:4]
+    torch.testing.assert_close(lens.gradient_spectra["0"][0][1], ref, rtol=1e-12, atol=1e-14)
+    # head 3x5: window clipped to min(m, n) = 3
+    assert lens.gradient_spectra["2"][0][1].numel() == 3
+
+
+def test_running_factors_equal_batch_factors():
+    """Two recorded steps on batches b1, b2 == factors of the concatenated batch (mean loss)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    model = model.double()
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,))
+    lens = CurvatureLens(model, loss_fn, top_k=2, every=1)
+    with lens:
+        for sl in (slice(0, 6), slice(6, 12)):
+            loss_fn(model(x[sl]), y[sl]).backward()
+            lens.step()
+            model.zero_grad()
+    running = lens.running_factors()
+    ref = kronecker_factors(model, loss_fn, x, y)
+    for name in ref:
+        torch.testing.assert_close(running[name].C_A, ref[name].C_A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(running[name].C_delta, ref[name].C_delta,
+                                   rtol=1e-10, atol=1e-12)
+        assert running[name].num_samples == 12
+    lens.reset_running()
+    assert lens.running_factors() == {}
+
+
+def test_no_capture_on_non_recording_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    loss_fn = nn.CrossEntropyLoss()
+    lens = CurvatureLens(model, loss_fn, top_k=2, every=5)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    with lens:
+        loss_fn(model(x), y).backward()
+        assert len(lens._capture.records["0"].inputs) == 1  # step 0 records
+        lens.step()
+        loss_fn(model(x), y).backward()
+        assert len(lens._capture.records["0"].inputs) == 0  # step 1 does not
+        lens.step()
+
+
+def test_hooks_removed_after_exit_and_exception():
+    model = _cnn()
+    lens = CurvatureLens(model, nn.CrossEntropyLoss(), on_unsupported="skip")
+    before = _hook_count(model)
+    with lens:
+        assert _hook_count(model) > before
+        assert lens.active
+    assert _hook_count(model) == before and not lens.active
+    with pytest.raises(ZeroDivisionError), lens:
+        model(_data()[0][:2])
+        raise ZeroDivisionError
+    assert _hook_count(model) == before and not lens.active
+    with lens:  # re-enterable
+        pass
+    assert _hook_count(model) == before
+
+
+def test_nesting_rejected():
+    model = nn.Linear(3, 2)
+    lens = CurvatureLens(model, nn.MSELoss())
+    with lens, pytest.raises(RuntimeError, match="already active"), lens:
+        pass
+    assert _hook_count(model) == 0
+
+
+def test_step_outside_context():
+    lens = CurvatureLens(nn.Linear(3, 2), nn.MSELoss())
+    with pytest.raises(RuntimeError, match="outside its context"):
+        lens.step()
+
+
+def test_nan_gradient_names_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    lens = CurvatureLens(model, nn.MSELoss(), every=1)
+    with lens:
+        nn.MSELoss()(model(torch.randn(5, 3)), torch.randn(5, 2)).backward()
+        model[2].weight.grad[0, 0] = math.nan
+        with pytest.raises(RuntimeError, match="gradient of layer '2'"):
+            lens.step()
+    assert _hook_count(model) == 0
+
+
+def test_missing_gradient_names_layer():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = TwoHeads()
+    lens = CurvatureLens(model, nn.MSELoss(), every=1)
+    with lens:
+        nn.MSELoss()(model(torch.randn(5, 3)), torch.randn(5, 2)).backward()
+        with pytest.raises(RuntimeError, match="'unused' has no gradient"):
+            lens.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"every": 2.5}, "every"),
+        ({"kronecker": "kfac"}, "kronecker must be one of"),
+        ({"mode": "true"}, "mode must be one of"),
+        ({"on_unsupported": "ignore"}, "on_unsupported must be one of"),
+        ({"layers": ["nope"]}, "'nope'"),
+    ],
+)
+def test_options_validated_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CurvatureLens(nn.Sequential(nn.Linear(3, 2)), nn.MSELoss(), **kwargs)
+
+
+def test_latest_alphas_empty_before_analyze():
+    lens = CurvatureLens(nn.Linear(3, 2), nn.MSELoss())
+    assert lens.latest_alphas() == {}
+
+
+def test_gamma_trace_is_rank_slope():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    lens = CurvatureLens(model, nn.CrossEntropyLoss(), top_k=6, every=1, kronecker="none")
+    with lens:
+        nn.CrossEntropyLoss()(model(torch.randn(32, 8)), torch.randint(0, 3, (32,))).backward()
+        lens.step()
+    assert _hook_count(model) == 0
+    S = torch.linalg.svdvals(model[0].weight.grad.double())[:6]
+    k = torch.arange(1, 7, dtype=torch.float64).log()
+    ref = -torch.linalg.lstsq(torch.stack([torch.ones(6, dtype=torch.float64), k], 1),
+                              S.log()[:, None]).solution[1, 0]
+    assert lens.gamma_trace()["0"][0][1] == pytest.approx(float(ref), rel=1e-5)
