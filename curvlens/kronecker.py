@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlens._dist import all_reduce_sum, is_distributed, sum_count
 from curvlens.hooks import Capture, LayerRecord
 from curvlens.layers import LayerInfo, find_layers
 
@@ -177,6 +178,25 @@ class FactorAccumulator:
         outer = rows.mT @ rows
         store[name] = outer if name not in store else store[name] + outer
 
+    def all_reduce(self) -> None:
+        """Sum the running sums and counts over all ``torch.distributed`` processes.
+
+        Afterwards every process holds what one process would have accumulated on the union of
+        the batches. A no-op without an initialized process group; every process must call it.
+        """
+        if not is_distributed():
+            return
+        for name, info in self.layers.items():
+            m, n = info.matrix_shape
+            in_dim, grad_dim = (n, m) if info.spec.inputs_are_columns else (m, n)
+            ref = info.weight
+            for store, dim in ((self._in, in_dim), (self._grad, grad_dim)):
+                if name not in store:  # a process that saw nothing still joins the collective
+                    store[name] = torch.zeros(dim, dim, dtype=ref.dtype, device=ref.device)
+                all_reduce_sum(store[name])
+            self._rows_in[name] = sum_count(self._rows_in[name], ref.device)
+            self.num_samples[name] = sum_count(self.num_samples[name], ref.device)
+
     def factors(self) -> dict[str, KroneckerFactors]:
         """The averaged factors of every layer that saw at least one sample.
 
@@ -273,6 +293,7 @@ def kronecker_factors(
     layers: Iterable[str] | None = None,
     generator: torch.Generator | None = None,
     mc_samples: int = 1,
+    distributed: bool = True,
 ) -> dict[str, KroneckerFactors]:
     """Kronecker factors of every chosen layer on one batch.
 
@@ -290,6 +311,9 @@ def kronecker_factors(
         layers: qualified names to measure (default: every supported layer).
         generator: random source of the ``"fisher"`` targets.
         mc_samples: Monte-Carlo draws for ``"fisher"`` (averaged).
+        distributed: under an initialized ``torch.distributed`` process group, sum the factors'
+            statistics over all processes (hooks backend), so each process gets the factors of
+            the union of the batches. Every process must then call this function.
 
     Returns:
         ``{layer_name: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``.
@@ -327,7 +351,10 @@ def kronecker_factors(
         from curvlens._backpack import backpack_factors
 
         return backpack_factors(model, loss_fn, inputs, targets, chosen, mode, mc_samples)
-    return _hook_factors(model, loss_fn, inputs, targets, chosen, mode, generator, mc_samples, B)
+    acc = _hook_factors(model, loss_fn, inputs, targets, chosen, mode, generator, mc_samples, B)
+    if distributed:
+        acc.all_reduce()
+    return acc.factors()
 
 
 def _hook_factors(
@@ -340,7 +367,7 @@ def _hook_factors(
     generator: torch.Generator | None,
     mc_samples: int,
     B: int,
-) -> dict[str, KroneckerFactors]:
+) -> FactorAccumulator:
     weights = [info.weight for info in chosen.values()]
     scale = batch_scale(loss_fn, B)
     acc = FactorAccumulator(chosen)
@@ -379,7 +406,7 @@ def _hook_factors(
             for j, g in enumerate(record.output_grads):
                 counts = B if (mode is not FactorMode.GGN or j % passes == 0) else 0
                 acc.add_grads(name, g, scale=scale, samples=counts)
-    return acc.factors()
+    return acc
 
 
 def _check_loss(loss: Tensor) -> None:

@@ -1,0 +1,43 @@
+"""Two gloo processes on CPU report what one process reports on the union of their batches."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from curvlens.kronecker import kronecker_factors
+from tests.conftest import build_case
+
+CASES = ("mlp", "cnn")
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for case in CASES:
+            model, loss_fn, x, y = build_case(case)
+            shard = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+            factors = kronecker_factors(model, loss_fn, x[shard], y[shard], mode="empirical")
+            torch.save({k: (f.C_A, f.C_delta, f.num_samples) for k, f in factors.items()},
+                       os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_factors_on_two_processes_equal_one_process_on_the_union(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for case in CASES:
+        model, loss_fn, x, y = build_case(case)
+        single = kronecker_factors(model, loss_fn, x, y, mode="empirical")
+        for rank in range(2):
+            got = torch.load(tmp_path / f"{case}-rank{rank}.pt")
+            for name, f in single.items():
+                C_A, C_delta, count = got[name]
+                torch.testing.assert_close(C_A, f.C_A, rtol=1e-10, atol=1e-14)
+                torch.testing.assert_close(C_delta, f.C_delta, rtol=1e-10, atol=1e-14)
+                assert count == f.num_samples == x.shape[0]
