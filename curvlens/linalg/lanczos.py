@@ -143,6 +143,10 @@ def lanczos(
         return_vectors: also return the Ritz vectors.
         progress: show a tqdm progress bar over the iterations.
 
+    Like every single-vector Krylov method (ARPACK included), a repeated eigenvalue may show up
+    once among converged Ritz values before all its copies do; the copies appear when the
+    Krylov space is exhausted (small ``dim``) or, for the top of a Hessian, rarely matter.
+
     Returns:
         ``eigenvalues [k]`` in descending order (``[2 k]`` for ``"both"``: the ``k`` largest then
         the ``k`` smallest, all descending), and with ``return_vectors`` also the unit Ritz

@@ -1,0 +1,369 @@
+r"""Exact Hessian-vector products of a model's loss: one layer block or all parameters.
+
+Notation of shared/SPEC.md: a layer's weight is an ``m x n`` matrix ``W`` (conv: ``flatten(1)``),
+``L`` the mean loss over a fixed batch, ``H_WW`` the diagonal Hessian block of ``W`` (all other
+parameters held fixed), ``D_k = u_k v_k^T``. The main paper (seed 001, "spectral alignment")
+measures the directional curvature ``h_k = vec(D_k)^T H_WW vec(D_k)`` along the gradient's
+singular directions; this module computes it exactly, never by finite differences:
+
+* products ``H v`` by double backward: the gradient graph is built once and every product is one
+  more backward pass (``is_grads_batched`` for several vectors at once);
+* ``h_k`` by forward-over-forward differentiation ``d^2/dt^2 L(W + t D_k)`` at ``t = 0``
+  (``torch.func.jvp`` of ``jvp``, vmapped over ``k``), which needs no backward pass and no
+  stored activations; the HVP route is the fallback and a cross-check.
+
+Every function measures inside :func:`measurement_mode` (dropout off, batch-norm on running
+statistics). Eigenvalues, trace and density of these operators are in
+:mod:`curvlens.hessian_spectrum`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+
+from curvlens._functional_model import (
+    Inputs,
+    as_tuple,
+    check_batch,
+    check_loss,
+    checked_loss,
+    loss_with,
+    param_name,
+    trainable_parameters,
+)
+from curvlens._modes import measurement_mode
+from curvlens.layers import LayerInfo, resolve_layer
+
+__all__ = [
+    "CurvatureMethod",
+    "GradGraph",
+    "block_hvp",
+    "directional_curvature",
+    "measurement_mode",
+    "model_hvp",
+]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+class CurvatureMethod(str, Enum):
+    """How :func:`directional_curvature` differentiates."""
+
+    AUTO = "auto"  # forward-over-forward, falling back to HVP for ops without forward AD
+    FORWARD = "forward"
+    HVP = "hvp"
+
+
+class GradGraph:
+    """The loss gradient w.r.t. ``params`` with its graph kept, for repeated exact HVPs.
+
+    Args:
+        model: the model (already in the wanted train/eval state).
+        loss_fn: ``(outputs, targets) -> scalar`` mean loss.
+        inputs: positional inputs of the model.
+        targets: passed to ``loss_fn``.
+        params: the parameters ``theta`` of the Hessian block ``d^2 L / d theta^2``.
+        where: names the layer (or the model) in error messages.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        inputs: tuple[Any, ...],
+        targets: Any,
+        params: Sequence[Tensor],
+        where: str,
+    ) -> None:
+        self.params = list(params)
+        self.where = where
+        with torch.enable_grad():
+            loss = checked_loss(model, loss_fn, inputs, targets, where)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self.loss = loss.detach()
+        self.grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        self._live = [i for i, g in enumerate(self.grads) if g.requires_grad]
+
+    def hvp(self, vs: Sequence[Tensor], batched: bool = False) -> list[Tensor]:
+        """``H v`` for one vector per parameter (``[*p.shape]``, or ``[b, *p.shape]`` batched)."""
+        outs: list[Tensor | None] = [None] * len(self.params)
+        if self._live:
+            grads = [self.grads[i] for i in self._live]
+            tangents = [vs[i] for i in self._live]
+            try:
+                outs = list(self._grad(grads, tangents, batched))
+            except RuntimeError:
+                if not batched:
+                    raise
+                # an op without a batching rule: one backward per vector (same exact result)
+                cols = [self._grad(grads, [t[j] for t in tangents], False)
+                        for j in range(tangents[0].shape[0])]
+                outs = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
+        return [torch.zeros_like(v) if o is None else o for o, v in zip(outs, vs)]
+
+    def _grad(self, grads: list[Tensor], tangents: list[Tensor], batched: bool):
+        with torch.enable_grad():
+            return torch.autograd.grad(
+                grads, self.params, tangents, retain_graph=True, allow_unused=True,
+                is_grads_batched=batched,
+            )
+
+
+def _layer(model: nn.Module, layer: str | nn.Module | LayerInfo) -> tuple[LayerInfo, str]:
+    info = resolve_layer(model, layer)
+    return info, f"layer {info.name!r}"
+
+
+def _check_tensor(x: Any, shape: tuple[int | None, ...], ref: Tensor, where: str, what: str):
+    """Shape (``None`` = any size), device and dtype of ``x`` against the weight ``ref``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: {what} must be a tensor, got {type(x).__name__}")
+    ok = x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+    if not ok:
+        want = "[" + ", ".join("k" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{where}: {what} must have shape {want}, got {list(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(
+            f"{where}: {what} is on {x.device} but the weight is on {ref.device}; move it with "
+            f"{what}.to(weight.device)"
+        )
+    if x.dtype != ref.dtype:
+        raise TypeError(
+            f"{where}: {what} has dtype {x.dtype} but the weight has {ref.dtype}; convert it "
+            f"with {what}.to(weight.dtype)"
+        )
+
+
+def _check_max_batch(max_batch: int | None) -> None:
+    if max_batch is not None and not (isinstance(max_batch, int) and max_batch >= 1):
+        raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
+
+
+def block_hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    layer: str | nn.Module | LayerInfo,
+    V: Tensor,
+    *,
+    max_batch: int | None = None,
+) -> Tensor:
+    r"""Exact products ``H_WW V_k`` with the Hessian block of one layer's weight.
+
+    Args:
+        model: the model; measured inside :func:`measurement_mode`.
+        loss_fn: ``(model(*inputs), targets) -> scalar``, the mean loss over the batch.
+        inputs: the batch, a tensor or a tuple of tensors (``model(*inputs)``).
+        targets: passed to ``loss_fn`` as is.
+        layer: a supported layer (qualified name, module or :class:`~curvlens.layers.LayerInfo`).
+        V: ``[k, m, n]`` directions in the layer's matrix view, same device and dtype as the
+            weight.
+        max_batch: at most this many directions per batched backward pass (memory budget);
+            ``None`` does all ``k`` at once.
+
+    Returns:
+        ``[k, m, n]``: ``H_WW V_k`` for each ``k``, in the matrix view.
+
+    Raises:
+        ValueError: ``V`` of the wrong shape or device, an empty batch, a non-scalar loss.
+        TypeError: ``V`` of another dtype than the weight.
+        RuntimeError: the loss is NaN or infinite.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> HV = block_hvp(net, nn.MSELoss(), x, y, "0", torch.randn(4, 2, 3, dtype=torch.float64))
+        >>> HV.shape
+        torch.Size([4, 2, 3])
+    """
+    info, where = _layer(model, layer)
+    m, n = info.matrix_shape
+    w = info.weight
+    _check_tensor(V, (None, m, n), w, where, "V")
+    _check_max_batch(max_batch)
+    args = as_tuple(inputs)
+    check_batch(args, where)
+    k = V.shape[0]
+    with measurement_mode(model):
+        graph = GradGraph(model, loss_fn, args, targets, [w], where)
+        chunks = [
+            graph.hvp([c.reshape(c.shape[0], *w.shape)], batched=True)[0].reshape(-1, m, n)
+            for c in V.split(max_batch or max(k, 1))
+        ]
+    return torch.cat(chunks) if chunks else torch.zeros_like(V)
+
+
+def directional_curvature(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    layer: str | nn.Module | LayerInfo,
+    U: Tensor,
+    V: Tensor,
+    *,
+    method: CurvatureMethod | str = CurvatureMethod.AUTO,
+    max_batch: int | None = None,
+) -> Tensor:
+    r"""Exact curvature ``h_k = vec(u_k v_k^T)^T H_WW vec(u_k v_k^T)`` along rank-one directions.
+
+    Args:
+        model: the model; measured inside :func:`measurement_mode`.
+        loss_fn: ``(model(*inputs), targets) -> scalar`` mean loss.
+        inputs: the batch, a tensor or a tuple of tensors.
+        targets: passed to ``loss_fn``.
+        layer: a supported layer (name, module or ``LayerInfo``).
+        U: ``[m, k]`` left vectors (e.g. left singular vectors of the gradient).
+        V: ``[n, k]`` right vectors.
+        method: ``"forward"`` (second directional derivative by forward-over-forward ``jvp``,
+            vmapped over ``k``), ``"hvp"`` (double-backward products contracted with ``D_k``), or
+            ``"auto"`` (forward, falling back to hvp where an op lacks forward-mode AD).
+        max_batch: at most this many directions at once.
+
+    Returns:
+        ``[k]``: ``h_k`` (may be negative: the Hessian block is indefinite in general).
+
+    Raises:
+        ValueError: ``U``/``V`` shapes or devices wrong, bad ``method``, empty batch.
+        TypeError: ``U``/``V`` dtype differs from the weight's.
+        RuntimeError: NaN/Inf loss.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> U, V = torch.eye(2, 1, dtype=torch.float64), torch.eye(3, 1, dtype=torch.float64)
+        >>> h = directional_curvature(net, nn.MSELoss(), x, y, "0", U, V)
+        >>> bool(torch.isclose(h[0], (x[:, 0] ** 2).mean()))   # MSELoss averages over 2 outputs
+        True
+    """
+    info, where = _layer(model, layer)
+    m, n = info.matrix_shape
+    w = info.weight
+    _check_tensor(U, (m, None), w, where, "U")
+    _check_tensor(V, (n, None), w, where, "V")
+    if U.shape[1] != V.shape[1]:
+        raise ValueError(
+            f"{where}: U [m, k] and V [n, k] need the same k, got {U.shape[1]} and {V.shape[1]}"
+        )
+    try:
+        method = CurvatureMethod(method)
+    except ValueError:
+        raise ValueError(
+            f"method must be one of {[c.value for c in CurvatureMethod]}, got {method!r}"
+        ) from None
+    _check_max_batch(max_batch)
+    args = as_tuple(inputs)
+    check_batch(args, where)
+    D = torch.einsum("mk,nk->kmn", U, V)  # [k, m, n]
+    with measurement_mode(model):
+        if method is not CurvatureMethod.HVP:
+            try:
+                return _curvature_forward(model, loss_fn, args, targets, info, D, where,
+                                          max_batch)
+            except (RuntimeError, NotImplementedError):
+                if method is CurvatureMethod.FORWARD:
+                    raise
+        HD = block_hvp(model, loss_fn, args, targets, info, D, max_batch=max_batch)
+        return (D * HD).sum((1, 2))
+
+
+def _curvature_forward(
+    model: nn.Module,
+    loss_fn: LossFn,
+    args: tuple[Any, ...],
+    targets: Any,
+    info: LayerInfo,
+    D: Tensor,
+    where: str,
+    max_batch: int | None,
+) -> Tensor:
+    """``d^2/dt^2 L(W + t D_k)`` at ``t = 0`` by jvp-of-jvp, vmapped over ``k``."""
+    w = info.weight
+    name = param_name(model, w, where)
+    with torch.no_grad():
+        check_loss(loss_with(model, loss_fn, args, targets), where)
+        w0 = w.detach()
+
+        def loss_at(wt: Tensor) -> Tensor:
+            return loss_with(model, loss_fn, args, targets, {name: wt})
+
+        def second(d: Tensor) -> Tensor:
+            def first(wt: Tensor) -> Tensor:
+                return jvp(loss_at, (wt,), (d,))[1]
+
+            return jvp(first, (w0,), (d,))[1]
+
+        if D.shape[0] == 0:
+            return D.new_zeros(0)
+        Dw = D.reshape(D.shape[0], *w.shape)
+        return vmap(second, chunk_size=max_batch)(Dw).reshape(-1)
+
+
+def model_hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    v: Tensor,
+    *,
+    max_batch: int | None = None,
+) -> Tensor:
+    r"""Exact product of the whole-model Hessian with a flat vector.
+
+    The flat layout is the trainable parameters (``requires_grad``) in
+    ``model.named_parameters()`` order, each flattened, tied tensors once; ``P`` is their total
+    size.
+
+    Args:
+        model: the model; measured inside :func:`measurement_mode`.
+        loss_fn: ``(model(*inputs), targets) -> scalar`` mean loss.
+        inputs: the batch, a tensor or a tuple of tensors.
+        targets: passed to ``loss_fn``.
+        v: ``[P]``, or ``[b, P]`` for ``b`` vectors at once.
+        max_batch: at most this many vectors per backward pass.
+
+    Returns:
+        ``H v`` with the shape of ``v``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> model_hvp(net, nn.MSELoss(), x, y, torch.ones(4, dtype=torch.float64)).shape
+        torch.Size([4])
+    """
+    params = list(trainable_parameters(model).values())
+    where = f"model {type(model).__name__}"
+    if not params:
+        raise ValueError(f"{where}: no trainable parameters (all have requires_grad=False)")
+    P = sum(p.numel() for p in params)
+    _check_tensor(v, (P,) if v.dim() == 1 else (None, P), params[0], where, "v")
+    _check_max_batch(max_batch)
+    args = as_tuple(inputs)
+    check_batch(args, where)
+    with measurement_mode(model):
+        graph = GradGraph(model, loss_fn, args, targets, params, where)
+        if v.dim() == 1:
+            return flat_hvp(graph, v)
+        return torch.cat([flat_hvp(graph, c) for c in v.split(max_batch or max(len(v), 1))])
+
+
+def flat_hvp(graph: GradGraph, v: Tensor) -> Tensor:
+    """``H v`` for flat ``v [P]`` or row-batched ``v [b, P]`` over ``graph.params``."""
+    batch = v.shape[:-1]
+    pieces = v.split([p.numel() for p in graph.params], dim=-1)
+    vs = [x.reshape(*batch, *p.shape).to(p.dtype) for x, p in zip(pieces, graph.params)]
+    out = graph.hvp(vs, batched=bool(batch))
+    return torch.cat([o.reshape(*batch, -1) for o in out], dim=-1).to(v.dtype)

@@ -1,0 +1,236 @@
+r"""Eigenvalues, trace and spectral density of a layer's Hessian block or the whole Hessian.
+
+The operators of :mod:`curvlens.hessian` (exact double-backward HVPs on a gradient graph built
+once) fed to the model-agnostic kernels of :mod:`curvlens.linalg`: Lanczos with full
+reorthogonalization for the top eigenvalues (``s_lanczos`` of the main paper, seed 001, is the
+decay exponent of the top-K eigenvalues of ``H_WW``; shared/SPEC.md s. 2.5 and 3), Hutchinson's
+trace estimator and stochastic Lanczos quadrature. The dense Hessian is never formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlens._functional_model import Inputs, as_tuple, check_batch, trainable_parameters
+from curvlens._modes import measurement_mode
+from curvlens.hessian import GradGraph, LossFn, _layer, flat_hvp
+from curvlens.layers import LayerInfo
+from curvlens.linalg.lanczos import Which, lanczos
+from curvlens.linalg.slq import SpectralDensity, spectral_density
+from curvlens.linalg.trace import Probe, TraceEstimate, hutchinson_trace
+
+__all__ = ["block_eigenvalues", "hessian_density", "hessian_trace", "model_eigenvalues"]
+
+Layer = str | nn.Module | LayerInfo
+
+
+def _graph(
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, layer: Layer | None
+) -> tuple[GradGraph, tuple[int, ...]]:
+    """The gradient graph of a layer's weight (or all trainable parameters) and the shape that
+    Ritz vectors take (``(m, n)`` or ``(P,)``). Call inside :func:`measurement_mode`."""
+    if layer is None:
+        params = list(trainable_parameters(model).values())
+        where = f"model {type(model).__name__}"
+        if not params:
+            raise ValueError(f"{where}: no trainable parameters (all have requires_grad=False)")
+        shape: tuple[int, ...] = (sum(p.numel() for p in params),)
+    else:
+        info, where = _layer(model, layer)
+        params, shape = [info.weight], info.matrix_shape
+    args = as_tuple(inputs)
+    check_batch(args, where)
+    return GradGraph(model, loss_fn, args, targets, params, where), shape
+
+
+def _work_dtype(graph: GradGraph, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.float64 if any(p.dtype == torch.float64 for p in graph.params) else torch.float32
+
+
+def _matvec(graph: GradGraph) -> Callable[[Tensor], Tensor]:
+    """Flat ``[dim] -> [dim]`` (and column-batched ``[dim, b] -> [dim, b]``) Hessian product."""
+
+    def matvec(x: Tensor) -> Tensor:
+        return flat_hvp(graph, x) if x.dim() == 1 else flat_hvp(graph, x.mT).mT
+
+    return matvec
+
+
+def _eigen(
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, layer: Layer | None,
+    k: int, which: Which | str, num_iter: int | None, tol: float | None,
+    generator: torch.Generator | None, dtype: torch.dtype | None, return_vectors: bool,
+    progress: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    with measurement_mode(model):
+        graph, shape = _graph(model, loss_fn, inputs, targets, layer)
+        dim = sum(p.numel() for p in graph.params)
+        out = lanczos(
+            _matvec(graph), dim, k, which=which, num_iter=num_iter, tol=tol,
+            generator=generator, dtype=_work_dtype(graph, dtype),
+            device=graph.params[0].device, return_vectors=return_vectors, progress=progress,
+        )
+    if not return_vectors:
+        return out
+    values, vectors = out
+    return values, vectors.mT.reshape(-1, *shape)
+
+
+def block_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    layer: Layer,
+    k: int,
+    *,
+    which: Which | str = Which.LARGEST,
+    num_iter: int | None = None,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    return_vectors: bool = False,
+    progress: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""The top-``k`` eigenvalues of one layer's Hessian block ``H_WW``, descending.
+
+    Args:
+        model: the model; measured inside :func:`~curvlens.hessian.measurement_mode`.
+        loss_fn: ``(model(*inputs), targets) -> scalar`` mean loss.
+        inputs: the batch, a tensor or a tuple of tensors.
+        targets: passed to ``loss_fn``.
+        layer: a supported layer (name, module or ``LayerInfo``).
+        k: number of eigenvalues.
+        which: ``"largest"`` (default), ``"smallest"`` or ``"both"`` (see
+            :func:`~curvlens.linalg.lanczos.lanczos`).
+        num_iter: maximum number of HVPs (Lanczos steps).
+        tol: relative residual tolerance of the Ritz pairs (default ``sqrt(eps)``).
+        generator: seeds the start vector.
+        dtype: Lanczos working precision (default: float64 for float64 weights, else float32).
+        return_vectors: also return the eigenvectors in the matrix view.
+        progress: tqdm bar over the HVPs.
+
+    Returns:
+        ``eigenvalues [k]`` descending, and with ``return_vectors`` the unit eigenvectors
+        ``[k, m, n]`` in the same order.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> block_eigenvalues(net, nn.MSELoss(), x, y, "0", 2).shape
+        torch.Size([2])
+    """
+    return _eigen(model, loss_fn, inputs, targets, layer, k, which, num_iter, tol, generator,
+                  dtype, return_vectors, progress)
+
+
+def model_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    k: int,
+    *,
+    which: Which | str = Which.LARGEST,
+    num_iter: int | None = None,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    return_vectors: bool = False,
+    progress: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""The top-``k`` eigenvalues of the Hessian over all trainable parameters, descending.
+
+    Same arguments as :func:`block_eigenvalues` without ``layer``. Eigenvectors come back as rows
+    ``[k, P]`` in the flat layout of :func:`~curvlens.hessian.model_hvp`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> model_eigenvalues(net, nn.MSELoss(), x, y, 2).shape
+        torch.Size([2])
+    """
+    return _eigen(model, loss_fn, inputs, targets, None, k, which, num_iter, tol, generator,
+                  dtype, return_vectors, progress)
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    layer: Layer | None = None,
+    *,
+    num_samples: int = 100,
+    batch_size: int | None = None,
+    distribution: Probe | str = Probe.RADEMACHER,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> TraceEstimate:
+    r"""Hutchinson estimate of ``tr(H_WW)`` (``layer`` given) or ``tr(H)`` (``layer=None``).
+
+    Args:
+        model, loss_fn, inputs, targets: as in :func:`block_eigenvalues`.
+        layer: a supported layer, or ``None`` for the whole model.
+        num_samples: number of probes.
+        batch_size: probes per batched backward pass (``None``: one at a time).
+        distribution: ``"rademacher"`` or ``"gaussian"``.
+        generator: seeds the probes.
+        dtype: probe precision.
+        progress: tqdm bar over the probes.
+
+    Returns:
+        :class:`~curvlens.linalg.trace.TraceEstimate` ``(estimate, std_error, samples)``.
+    """
+    with measurement_mode(model):
+        graph, _ = _graph(model, loss_fn, inputs, targets, layer)
+        return hutchinson_trace(
+            _matvec(graph), sum(p.numel() for p in graph.params), num_samples,
+            batch_size=batch_size, distribution=distribution, generator=generator,
+            dtype=_work_dtype(graph, dtype), device=graph.params[0].device, progress=progress,
+        )
+
+
+def hessian_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    layer: Layer | None = None,
+    *,
+    num_probes: int = 8,
+    num_iter: int = 64,
+    grid: Tensor | None = None,
+    num_points: int = 1000,
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> SpectralDensity:
+    r"""SLQ spectral density of ``H_WW`` (``layer`` given) or of the whole Hessian.
+
+    Arguments as in :func:`~curvlens.linalg.slq.spectral_density`; ``layer=None`` means all
+    trainable parameters.
+
+    Returns:
+        :class:`~curvlens.linalg.slq.SpectralDensity` (nodes, weights, grid, density, sigma).
+    """
+    with measurement_mode(model):
+        graph, _ = _graph(model, loss_fn, inputs, targets, layer)
+        return spectral_density(
+            _matvec(graph), sum(p.numel() for p in graph.params), num_probes=num_probes,
+            num_iter=num_iter, grid=grid, num_points=num_points, sigma=sigma,
+            generator=generator, dtype=_work_dtype(graph, dtype),
+            device=graph.params[0].device, progress=progress,
+        )
