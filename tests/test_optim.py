@@ -428,3 +428,25 @@ def test_bad_arguments_raise():
         SpectralNewton([{"params": list(net.named_parameters()), "use_spectral": True}])
     with pytest.raises(ValueError, match="no trainable parameters"):
         SpectralNewton(nn.ReLU())
+
+
+@pytest.mark.slow
+def test_benchmark_quick_smoke(tmp_path):
+    """``benchmarks/bench_optim.py --quick`` runs end to end and writes its outputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "bench_optim.py"), "--quick",
+         "--task", "digits", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epochs to AdamW loss" in proc.stdout
+    summary = json.loads((tmp_path / "bench_optim_digits.json").read_text())
+    assert {"adamw", "muon", "sn a=2.0 d=0.01", "sn a=auto d=0.01"} <= set(summary)
+    assert all(0.0 <= a <= 1.0 for row in summary.values() for a in row["test_acc"])
+    assert (tmp_path / "bench_optim_digits.png").stat().st_size > 0
