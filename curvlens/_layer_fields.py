@@ -53,7 +53,7 @@ class _Explain:
 def _vector(x: Tensor | Sequence[float] | None, what: str, layer: str) -> Tensor | None:
     if x is None:
         return None
-    t = x.detach() if isinstance(x, Tensor) else torch.as_tensor(x)
+    t = x.detach() if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
     t = t.to(torch.float64).reshape(-1).cpu()
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"layer {layer!r}: {what} holds NaN or Inf; check the measurement")

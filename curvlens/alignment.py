@@ -92,8 +92,6 @@ def log_slope(sigma: Tensor, values: Tensor, window: Tensor) -> float:
 
 
 def _descending_eigenvalues(C: Tensor, name: str) -> Tensor:
-    if C.dim() != 2 or C.shape[0] != C.shape[1]:
-        raise ValueError(f"{name} must be a square matrix, got shape {tuple(C.shape)}")
     if not bool(torch.isfinite(C).all()):
         raise ValueError(f"{name} holds NaN or Inf; recompute the Kronecker factors")
     C = C.to(torch.float64)
@@ -136,11 +134,14 @@ def alignment_budget(
         >>> abs(b.total - b.alpha) < 1e-12, b.b_rho_delta == 0.0, round(b.b_chi, 12)
         (True, True, 0.0)
     """
-    sigma = torch.as_tensor(sigma).to(torch.float64).reshape(-1)
-    h = torch.as_tensor(h).to(torch.float64).reshape(-1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+    h = torch.as_tensor(h, dtype=torch.float64).reshape(-1)
     K = sigma.numel()
     if h.numel() != K:
         raise ValueError(f"sigma and h need the same length, got {K} and {h.numel()}")
+    for C, what in ((C_delta, "C_delta"), (C_A, "C_A")):
+        if C.dim() != 2 or C.shape[0] != C.shape[1]:
+            raise ValueError(f"{what} must be a square matrix, got shape {tuple(C.shape)}")
     m, n = C_delta.shape[0], C_A.shape[0]
     if U.dim() != 2 or U.shape[0] != m or U.shape[1] < K:
         raise ValueError(
