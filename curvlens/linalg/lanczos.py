@@ -8,7 +8,8 @@ knows about models. After ``j`` steps the Krylov basis ``Q_j`` and the tridiagon
 ``tol * |theta_i|`` (ARPACK's criterion). Each new vector is orthogonalized against the whole basis
 twice ("twice is enough"), so the Ritz values carry no spurious copies. When the Krylov space
 becomes invariant, the iteration continues from a fresh random vector orthogonal to the basis,
-which also uncovers repeated eigenvalues.
+which uncovers further copies of repeated eigenvalues; it stops when such a restart leaves the
+wanted Ritz values unchanged.
 
 Used for ``s_lanczos`` in the main paper (seed 001, "spectral alignment"), the independent check on
 the Rayleigh-quotient exponent; see shared/SPEC.md sections 2.5 and 3.
@@ -196,7 +197,7 @@ def lanczos(
     bar = _progress_bar(progress, num_iter)
     converged = False
     j = 0
-    theta = s = None
+    theta = s = last_breakdown = None
     try:
         while j < num_iter:
             w = _apply(matvec, basis[j])
@@ -210,7 +211,17 @@ def lanczos(
             wanted = _wanted(j, k, which)
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
             breakdown = float(beta) <= 1e3 * eps * float(scale)
-            if j >= n_ends * k:
+            if breakdown:
+                # The Krylov space is invariant: all Ritz values are eigenvalues, but copies of
+                # repeated ones may lie outside it. Stop once a restart changes nothing wanted.
+                if j >= n_ends * k and last_breakdown is not None and bool(
+                    ((theta[wanted] - last_breakdown).abs() <= tol * scale).all()
+                ):
+                    converged = True
+                    break
+                last_breakdown = theta[wanted] if j >= n_ends * k else None
+            elif j >= n_ends * k:
+                last_breakdown = None
                 resid = (beta * s[-1, wanted]).abs()
                 floor = 10 * eps * scale
                 if bool((resid <= torch.maximum(tol * theta[wanted].abs(), floor)).all()):

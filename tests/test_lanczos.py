@@ -1,0 +1,197 @@
+"""Lanczos, Hutchinson and SLQ kernels against ``torch.linalg`` on explicit matrices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from curvlens.linalg.lanczos import lanczos
+from curvlens.linalg.slq import gaussian_density, slq_quadrature, spectral_density
+from curvlens.linalg.trace import hutchinson_trace, random_probes
+
+DT = torch.float64
+
+
+def _sym(spectrum: torch.Tensor, seed: int) -> torch.Tensor:
+    """``Q diag(spectrum) Q^T`` with a seeded Haar-like rotation ``Q``."""
+    g = torch.Generator().manual_seed(seed)
+    n = spectrum.shape[0]
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
+    return (Q * spectrum) @ Q.T
+
+
+SPECTRA = {
+    "power_law": lambda: torch.arange(1, 201, dtype=DT) ** -1.5,
+    "indefinite": lambda: torch.linspace(-3, 5, 150, dtype=DT) ** 3,
+    "low_rank": lambda: torch.cat([torch.tensor([9.0, 4.0, 1.0], dtype=DT), torch.zeros(97)]),
+    "repeated_top": lambda: torch.cat([torch.full((3,), 2.0, dtype=DT),
+                                       torch.linspace(-1, 1, 27, dtype=DT)]),
+}
+
+
+# (spectrum, which): the smallest end of "power_law" is a tight cluster near 0 (hard for any
+# Krylov method), so it is asked for the largest only.
+# "repeated_top" has a 3-fold top eigenvalue (see the test below), so its smallest end only.
+LANCZOS_CASES = [("power_law", "largest"), ("low_rank", "largest"),
+                 ("repeated_top", "smallest")] + [
+    (name, which) for name in ("indefinite", "low_rank") for which in ("smallest", "both")
+]
+
+
+@pytest.mark.parametrize("name,which", LANCZOS_CASES)
+def test_lanczos_matches_eigvalsh(name, which):
+    spectrum = SPECTRA[name]()
+    A = _sym(spectrum, seed=1)
+    exact = torch.linalg.eigvalsh(A)  # ascending
+    k = 3
+    values, vectors = lanczos(lambda v: A @ v, A.shape[0], k, which=which,
+                              generator=torch.Generator().manual_seed(2), return_vectors=True)
+    top, bottom = exact.flip(0)[:k], exact[:k].flip(0)
+    expected = {"largest": top, "smallest": bottom, "both": torch.cat([top, bottom])}[which]
+    scale = exact.abs().max()
+    torch.testing.assert_close(values, expected, rtol=1e-8, atol=1e-10 * scale)
+    assert torch.all(values[:-1] >= values[1:])
+    torch.testing.assert_close(A @ vectors, vectors * values, rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(len(values), dtype=DT),
+                               rtol=0, atol=1e-8)
+
+
+def test_lanczos_repeated_top_eigenvalue_is_found_once():
+    """Single-vector Krylov limitation (as ARPACK): a repeated eigenvalue that converges before
+    the space is exhausted appears once; its value is still exact."""
+    A = _sym(SPECTRA["repeated_top"](), seed=1)
+    vals = lanczos(lambda v: A @ v, 30, 2, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(vals[0], torch.tensor(2.0, dtype=DT), rtol=1e-10, atol=0)
+    assert float(vals[1]) <= 2.0 + 1e-10
+
+
+def test_lanczos_stops_early_and_counts():
+    A = _sym(SPECTRA["power_law"](), seed=3)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    lanczos(matvec, 200, 5, generator=torch.Generator().manual_seed(0))
+    assert 5 <= len(calls) < 100  # converged well before the Krylov space is exhausted
+
+
+def test_lanczos_deterministic_given_generator_and_float32():
+    A = _sym(SPECTRA["indefinite"](), seed=4)
+    run = [lanczos(lambda v: A @ v, 150, 4, generator=torch.Generator().manual_seed(5))
+           for _ in range(2)]
+    assert torch.equal(run[0], run[1])
+    A32 = A.float()
+    v32 = lanczos(lambda v: A32 @ v, 150, 4, dtype=torch.float32,
+                  generator=torch.Generator().manual_seed(5))
+    assert v32.dtype == torch.float32
+    torch.testing.assert_close(v32.double(), run[0], rtol=1e-4, atol=1e-4)
+
+
+def test_lanczos_warns_when_not_converged_and_checks_inputs():
+    A = _sym(torch.linspace(1, 2, 300, dtype=DT), seed=6)  # clustered: slow convergence
+    with pytest.warns(RuntimeWarning, match="raise num_iter"):
+        lanczos(lambda v: A @ v, 300, 3, num_iter=10, tol=1e-12)
+    with pytest.raises(ValueError, match="which must be one of"):
+        lanczos(lambda v: A @ v, 300, 3, which="top")
+    with pytest.raises(ValueError, match=r"k must be"):
+        lanczos(lambda v: A @ v, 300, 0)
+    with pytest.raises(ValueError, match=r"matvec must map a \[300\] tensor"):
+        lanczos(lambda v: v[:10], 300, 2)
+    with pytest.raises(TypeError, match="dtype"):
+        lanczos(lambda v: A @ v, 300, 2, dtype=torch.int64)
+
+
+def test_lanczos_v0_start():
+    A = _sym(SPECTRA["power_law"](), seed=7)
+    v0 = torch.ones(200, dtype=DT)
+    vals = lanczos(lambda v: A @ v, 200, 2, v0=v0)
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(A).flip(0)[:2], rtol=1e-8, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lanczos_on_cuda():
+    A = _sym(SPECTRA["indefinite"](), seed=8).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vals = lanczos(lambda v: A @ v, 150, 3, generator=g, device="cuda")
+    assert vals.device.type == "cuda"
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-8, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- Hutchinson
+
+
+def test_hutchinson_exact_for_diagonal_and_batched_equals_single():
+    d = torch.arange(1.0, 31.0, dtype=DT)
+    est = hutchinson_trace(lambda v: d * v, 30, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(est.estimate, d.sum(), rtol=1e-12, atol=0)  # z_i^2 = 1
+    A = _sym(torch.linspace(-1, 3, 30, dtype=DT), seed=9)
+    single = hutchinson_trace(lambda v: A @ v, 30, 10, generator=torch.Generator().manual_seed(1))
+    batched = hutchinson_trace(lambda V: A @ V, 30, 10, batch_size=4,
+                               generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(single.samples, batched.samples, rtol=1e-12, atol=1e-12)
+    z = random_probes(30, 10, generator=torch.Generator().manual_seed(1), dtype=DT)
+    torch.testing.assert_close(single.samples, torch.einsum("pi,ij,pj->p", z, A, z))
+    torch.testing.assert_close(single.std_error, single.samples.std() / math.sqrt(10))
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_within_three_standard_errors(distribution):
+    A = _sym(torch.linspace(-2, 6, 80, dtype=DT), seed=10)
+    est = hutchinson_trace(lambda v: A @ v, 80, 200, distribution=distribution,
+                           generator=torch.Generator().manual_seed(2))
+    assert abs(float(est.estimate - torch.trace(A))) <= 3 * float(est.std_error)
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        hutchinson_trace(lambda v: A @ v, 80, 2, distribution="uniform")
+
+
+# ----------------------------------------------------------------------------- SLQ
+
+
+def test_slq_quadrature_reproduces_moments_per_probe():
+    A = _sym(torch.linspace(-1, 2, 60, dtype=DT) ** 3, seed=11)
+    nodes, weights = slq_quadrature(lambda v: A @ v, 60, num_probes=5, num_iter=6,
+                                    generator=torch.Generator().manual_seed(3))
+    z = random_probes(60, 5, generator=torch.Generator().manual_seed(3), dtype=DT)
+    q = z / math.sqrt(60)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5, dtype=DT))
+    for p in range(0, 12):  # Gauss quadrature with 6 nodes is exact to degree 11
+        Ap = torch.linalg.matrix_power(A, p)
+        torch.testing.assert_close((weights * nodes**p).sum(-1),
+                                   torch.einsum("pi,ij,pj->p", q, Ap, q), rtol=1e-9, atol=1e-12)
+
+
+def test_spectral_density_moments_and_mass():
+    spectrum = torch.linspace(0, 1, 120, dtype=DT) ** 2
+    A = _sym(spectrum, seed=12)
+    dens = spectral_density(lambda v: A @ v, 120, num_probes=30, num_iter=40,
+                            generator=torch.Generator().manual_seed(4))
+    assert abs(float(torch.trapezoid(dens.density, dens.grid)) - 1) < 1e-3
+    for p in (1, 2):
+        per_probe = (dens.weights * dens.nodes**p).sum(-1)
+        se = per_probe.std() / math.sqrt(30)
+        exact = (spectrum**p).mean()
+        assert abs(float(dens.moment(p) - exact)) <= 3 * float(se)
+    # once the Krylov space is exhausted, nodes are the exact eigenvalues
+    small = _sym(torch.tensor([1.0, 2.0, 5.0], dtype=DT), seed=13)
+    nodes, weights = slq_quadrature(lambda v: small @ v, 3, num_probes=1, num_iter=10)
+    torch.testing.assert_close(nodes[0].sort().values, torch.tensor([1.0, 2.0, 5.0], dtype=DT))
+
+
+def test_gaussian_density_against_direct_sum():
+    nodes = torch.tensor([[0.0, 1.0]], dtype=DT)
+    weights = torch.tensor([[0.25, 0.75]], dtype=DT)
+    grid = torch.tensor([0.0, 0.5, 1.0], dtype=DT)
+    sigma = 0.3
+
+    def phi(x):
+        return math.exp(-0.5 * (x / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+    expected = torch.tensor([0.25 * phi(x) + 0.75 * phi(x - 1.0) for x in grid.tolist()],
+                            dtype=DT)
+    torch.testing.assert_close(gaussian_density(nodes, weights, grid, sigma), expected)
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        gaussian_density(nodes, weights, grid, 0.0)
