@@ -155,9 +155,11 @@ def _noise_floor(v: dict, ex: _Explain, noise_norm: float | None, sig: Tensor, h
 def _rank_models(v: dict, ex: _Explain, sk: Tensor) -> None:
     cmp = compare_rank_models(sk)
     v["bic"], v["aic"], v["bic_best"] = cmp.bic, cmp.aic, cmp.best
-    for w in cmp.warnings:
-        if "non-positive" not in w:
-            ex.warn(w)
+    reasons = [w for w in cmp.warnings if "non-positive" not in w]
+    for w in reasons:
+        ex.warn(w)
+    if any(math.isnan(x) for x in cmp.bic.values()):
+        ex.nan(["bic", "aic"], "; ".join(reasons) or "rank models could not be scored")
 
 
 def _alignment(v: dict, ex: _Explain, sig: Tensor, hh: Tensor, keep: Tensor, C_A: Any,

@@ -134,7 +134,8 @@ class LayerReport:
                 + self.b_lambda_A)
 
     def scalar_fields(self) -> dict[str, float]:
-        """``{name: value}`` of every float field and every CI end (``alpha_ci[0]`` ...)."""
+        """``{name: value}`` of every float field, CI end (``alpha_ci[0]``) and score
+        (``bic[power_law]``): the numbers a NaN can hide in."""
         out: dict[str, float] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -142,6 +143,8 @@ class LayerReport:
                 out[f.name] = value
             elif f.name.endswith("_ci"):
                 out[f"{f.name}[0]"], out[f"{f.name}[1]"] = value
+            elif f.type == "dict[str, float]":
+                out.update({f"{f.name}[{key}]": float(x) for key, x in value.items()})
         return out
 
     def unexplained_nans(self) -> list[str]:

@@ -401,9 +401,15 @@ def test_analyze_model_zero_gradient_layer_warns_and_explains():
     with torch.no_grad():
         net[0].bias.fill_(-100.0)  # dead ReLU: layer "0" gets an exactly zero gradient
     x, y = torch.randn(16, 3), torch.randn(16, 2)
-    with pytest.warns(UserWarning, match="layer '0'.*exactly zero"):
+    with pytest.warns(UserWarning, match="exactly zero") as record:
         report = analyze_model(net, nn.MSELoss(), x, y, top_k=3, bootstrap=0)
+    # Layer "2" sees only zeros from the dead ReLU, so its weight gradient is zero too.
+    assert sorted(str(w.message).split("'")[1] for w in record) == ["0", "2"]
     dead = report.layers["0"]
     assert math.isnan(dead.alpha) and "zero gradient" in dead.nan_reasons["alpha"]
     assert dead.unexplained_nans() == []
-    assert report.layers["4"].unexplained_nans() == []
+    head = report.layers["4"]  # a 2 x 5 head: K = 2 directions, too few for any fit
+    assert head.top_k == 2 and math.isnan(head.alpha) and math.isnan(head.bic["power_law"])
+    assert head.bic_best == "" and "more than 2" in head.nan_reasons["bic"]
+    assert head.unexplained_nans() == []
+    assert any("top_k=3 clipped" in n for n in head.notes)
