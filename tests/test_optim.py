@@ -297,6 +297,37 @@ def test_checkpoint_resume_is_exact(alpha):
         assert torch.equal(a, b), name
 
 
+def test_bf16_resume_is_exact_and_keeps_float32_state():
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                             nn.Linear(12, 3)).to(torch.bfloat16)
+
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+
+    def train(net, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x).float(), y).backward()
+            opt.step()
+
+    net = make()
+    opt = SpectralNewton(net, lr=0.05, adamw_lr=1e-2)
+    train(net, opt, 3)
+    saved_net, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    train(net, opt, 3)
+    net2 = make()
+    net2.load_state_dict(saved_net)
+    opt2 = SpectralNewton(net2, lr=0.05, adamw_lr=1e-2)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.state[net2[0].weight]["momentum_buffer"].dtype == torch.float32
+    assert opt2.state[net2[0].bias]["exp_avg_sq"].dtype == torch.float32
+    train(net2, opt2, 3)
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_auto_alpha_reads_lens_clips_and_falls_back():
     torch.manual_seed(0)
     net = _Net()

@@ -318,6 +318,21 @@ class SpectralNewton(torch.optim.Optimizer):
             group.setdefault("auto_every", 50)
             group.setdefault("check_finite", True)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, but float32 buffers of half-precision parameters
+        stay float32 (torch would cast every state tensor to the parameter's dtype)."""
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        keep = {
+            p: {k: v for k, v in saved[i].items() if k != "step" and isinstance(v, Tensor)}
+            for i, p in zip(ids, params) if p.dtype in _HALF and i in saved
+        }
+        super().load_state_dict(state_dict)
+        for p, values in keep.items():
+            for k, v in values.items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
+
     # ------------------------------------------------------------------ step
 
     @staticmethod
