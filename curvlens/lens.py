@@ -109,8 +109,8 @@ class CurvatureLens:
         device: device of the fixed batch in :meth:`analyze` (default: the model's).
         on_unsupported: trainable parameters outside supported layers: ``"error"``, ``"warn"``
             or ``"skip"``.
-        lanczos_k: Hessian-block eigenvalues per layer in :meth:`analyze` (default: the
-            analysis default).
+        lanczos_k: Hessian-block eigenvalues per layer in :meth:`analyze` (default: ``top_k``;
+            0 skips Lanczos).
         analyze_options: further keyword arguments for
             :func:`curvlens.analysis.analyze_model` (e.g. ``{"bootstrap": 0}``).
         check_finite: check the recorded gradients for NaN/Inf (one host sync per recording
@@ -153,7 +153,10 @@ class CurvatureLens:
         self.kronecker = _enum(KroneckerSource, kronecker, "kronecker")
         self.mode = _enum(FactorMode, mode, "mode")
         self.on_unsupported = _enum(OnUnsupported, on_unsupported, "on_unsupported")
-        self.lanczos_k = None if lanczos_k is None else _positive_int(lanczos_k, "lanczos_k")
+        if lanczos_k is not None and (isinstance(lanczos_k, bool) or not isinstance(lanczos_k, int)
+                                      or lanczos_k < 0):
+            raise ValueError(f"lanczos_k must be None or an int >= 0, got {lanczos_k!r}")
+        self.lanczos_k = lanczos_k
         self.device = None if device is None else torch.device(device)
         self.analyze_options = dict(analyze_options or {})
         self.check_finite = bool(check_finite)

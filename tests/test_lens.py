@@ -223,3 +223,65 @@ def test_gamma_trace_is_rank_slope():
     ref = -torch.linalg.lstsq(torch.stack([torch.ones(6, dtype=torch.float64), k], 1),
                               S.log()[:, None]).solution[1, 0]
     assert lens.gamma_trace()["0"][0][1] == pytest.approx(float(ref), rel=1e-5)
+
+
+_FAST = {"top_k": 3, "every": 2, "on_unsupported": "skip", "lanczos_k": 3,
+         "analyze_options": {"bootstrap": 20}}
+
+
+def test_training_identical_with_analyze_in_between():
+    plain_losses, plain_params, _ = _train(6, None)
+    losses, params, lens = _train(6, _FAST, analyze_at=(1, 4))
+    assert losses == plain_losses  # bit for bit, dropout RNG and BN statistics included
+    assert all(torch.equal(a, b) for a, b in zip(params, plain_params))
+    assert [r.epoch for r in lens.history] == [1, 4]
+    assert [r.step for r in lens.history] == [2, 5]
+    assert _hook_count(lens.model) == 0
+
+
+def test_analyze_restores_grads_and_buffers():
+    torch.manual_seed(0)
+    model = _cnn()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _data(16)
+    lens = CurvatureLens(model, loss_fn, **_FAST)
+    with lens:
+        loss_fn(model(x), y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        rng = torch.get_rng_state()
+        captured = {n: len(r.inputs) for n, r in lens._capture.records.items()}
+        report = lens.analyze(x, y, epoch=0)
+        assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+        assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert model.training and model[2].training  # dropout back in train mode
+        # the lens's own capture is paused during the analysis
+        assert {n: len(r.inputs) for n, r in lens._capture.records.items()} == captured
+    assert list(report.layers) == list(lens.layers)
+    assert report.meta["lens"]["every"] == 2
+
+
+def test_latest_alphas_and_history():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(32, 6), torch.randint(0, 4, (32,))
+    lens = CurvatureLens(model, loss_fn, top_k=4, lanczos_k=0, analyze_options={"bootstrap": 0})
+    first = lens.analyze(x, y, epoch=0)  # outside the context is fine
+    second = lens.analyze(x[:16], y[:16], epoch=1)
+    assert lens.history == [first, second]
+    alphas = lens.latest_alphas()
+    assert alphas == {name: rep.alpha for name, rep in second.layers.items()}
+    assert all(math.isfinite(a) for a in alphas.values())
+
+
+def test_analyze_bad_batches():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    lens = CurvatureLens(model, nn.CrossEntropyLoss(), top_k=2)
+    with pytest.raises(ValueError, match="empty batch"):
+        lens.analyze(torch.randn(0, 3), torch.randint(0, 2, (0,)))
+    with pytest.raises(TypeError, match="dtype torch.float64"):
+        lens.analyze(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    with pytest.raises(ValueError, match="is on meta"):
+        lens.analyze(torch.randn(4, 3, device="meta"), torch.randint(0, 2, (4,)))
