@@ -195,3 +195,9 @@ def test_gaussian_density_against_direct_sum():
     torch.testing.assert_close(gaussian_density(nodes, weights, grid, sigma), expected)
     with pytest.raises(ValueError, match="sigma must be positive"):
         gaussian_density(nodes, weights, grid, 0.0)
+
+
+def test_lanczos_long_run_grows_basis_and_is_exact_at_full_dimension():
+    A = _sym(torch.linspace(1, 2, 80, dtype=DT), seed=14)  # clustered: needs many steps
+    vals = lanczos(lambda v: A @ v, 80, 1, tol=1e-13, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(A)[-1:], rtol=1e-12, atol=0)

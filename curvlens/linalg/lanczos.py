@@ -191,7 +191,8 @@ def lanczos(
         q = v0.to(dtype=dtype, device=device)
         q = q / torch.linalg.vector_norm(q)
 
-    basis = torch.empty(num_iter, dim, dtype=dtype, device=device)  # rows q_1..q_j
+    # rows q_1..q_j; grown by doubling, since convergence usually comes long before num_iter
+    basis = torch.empty(min(num_iter, 2 * n_ends * k + 20), dim, dtype=dtype, device=device)
     T = torch.zeros(num_iter, num_iter, dtype=dtype, device=device)
     basis[0] = q
     bar = _progress_bar(progress, num_iter)
@@ -229,6 +230,8 @@ def lanczos(
                     break
             if j == num_iter:
                 break
+            if j == basis.shape[0]:
+                basis = torch.cat([basis, torch.empty_like(basis[: num_iter - j])])
             if breakdown:  # invariant subspace: continue from a fresh orthogonal direction
                 T[j - 1, j] = T[j, j - 1] = 0.0
                 w = _orthogonalize(
