@@ -340,6 +340,7 @@ def _layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: 
         if g is None:
             raise RuntimeError(f"layer {name!r} is not used by the loss on {what}; leave it "
                                "out with `layers=`")
+        g = g.to_dense() if g.is_sparse else g  # nn.Embedding(sparse=True)
         if not bool(torch.isfinite(g).all()):
             raise RuntimeError(f"layer {name!r}: the gradient on {what} has NaN or Inf "
                                "entries; check the loss scale, the inputs and the weights")
