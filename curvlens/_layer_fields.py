@@ -20,8 +20,8 @@ from curvlens.fit import (
     _fit_log_log,
     _participation,
     _zeta_bound_reason,
-    compare_rank_models,
 )
+from curvlens.rank_models import compare_rank_models
 from curvlens.results import LayerReport
 
 _NAN = float("nan")

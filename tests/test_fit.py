@@ -1,4 +1,4 @@
-"""Tests of curvlens.fit: conformance with the paper's data, synthetic exponents, PR, zeta."""
+"""Tests of curvlens.fit and curvlens.rank_models: paper conformance, exponents, PR, zeta."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 
 from curvlens.fit import (
     PowerLawFit,
-    compare_rank_models,
     fit_power_law,
     fit_rank_decay,
     ols_slope,
     participation_ratio,
     zeta_bound,
 )
+from curvlens.rank_models import compare_rank_models
 
 DATA = Path(__file__).parent / "data" / "spectral_alignment"
 TOL = 1e-9
