@@ -320,6 +320,49 @@ def test_measurement_freezes_batchnorm_and_dropout():
     assert model.training and model[1].training
 
 
+class _Cube(torch.autograd.Function):
+    """x^3 with a backward formula only (no forward-mode AD rule)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+def test_auto_falls_back_to_hvp_without_forward_ad():
+    torch.manual_seed(5)
+    lin = nn.Linear(3, 2).to(DT)
+    model = nn.Sequential(lin)
+    model.forward = lambda x: _Cube.apply(lin(x))
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    loss_fn = nn.MSELoss()
+    U, V = torch.eye(2, 2, dtype=DT), torch.eye(3, 2, dtype=DT)
+    with pytest.raises(RuntimeError):
+        directional_curvature(model, loss_fn, x, y, "0", U, V, method="forward")
+    h = directional_curvature(model, loss_fn, x, y, "0", U, V, method="auto")
+    w0 = lin.weight.detach()
+    H = torch.autograd.functional.hessian(  # reverse-over-reverse: no forward AD needed
+        lambda w: loss_fn(functional_call(model, {"0.weight": w}, (x,)), y), w0
+    ).reshape(6, 6)
+    D = torch.einsum("mk,nk->kmn", U, V).reshape(2, -1)
+    _close(h, torch.einsum("ki,ij,kj->k", D, H, D), 1e-8, H.abs().max())
+
+
+def test_progress_bar_does_not_change_results(capsys):
+    model, loss_fn, inputs, targets = _setup("mlp")
+    a = block_eigenvalues(model, loss_fn, inputs, targets, "0", 3,
+                          generator=torch.Generator().manual_seed(1))
+    b = block_eigenvalues(model, loss_fn, inputs, targets, "0", 3, progress=True,
+                          generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert "lanczos" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- errors
 
 
