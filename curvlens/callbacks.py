@@ -1,0 +1,214 @@
+"""Attach a :class:`~curvlens.lens.CurvatureLens` to a training loop in one line.
+
+* :class:`LensCallback`: a plain callback with the usual hook names (``on_train_begin``,
+  ``on_after_backward``, ``on_epoch_end``, ``on_train_end``) for hand-written loops and for
+  frameworks whose callbacks can forward to it; it is also a context manager.
+* ``LightningLensCallback``: a PyTorch Lightning ``Callback`` (the optional ``lightning`` extra),
+  defined on first access when ``lightning`` or ``pytorch_lightning`` imports, so importing
+  curvlens never imports Lightning.
+
+The measurements are those of "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact
+Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596), see
+:mod:`curvlens.lens`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlens.lens import CurvatureLens
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> loss_fn = nn.CrossEntropyLoss()
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> cb = LensCallback(CurvatureLens(net, loss_fn, top_k=3, every=1, lanczos_k=0,
+    ...                                 analyze_options={"bootstrap": 0}), fixed_batch=(x, y))
+    >>> cb.on_train_begin()
+    >>> loss_fn(net(x), y).backward(); cb.on_after_backward()
+    >>> report = cb.on_epoch_end(0)
+    >>> cb.on_train_end()
+    >>> report.epoch, sorted(report.layers)
+    (0, ['0', '2'])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlens.lens import CurvatureLens
+
+__all__ = ["LensCallback"]  # LightningLensCallback: module attribute, defined on access
+
+
+class LensCallback:
+    """Drive a :class:`CurvatureLens` from callback events.
+
+    Args:
+        lens: the lens (not yet entered).
+        fixed_batch: ``(inputs, targets)`` analyzed at the end of each epoch (``None``: no
+            analysis, ``step()`` recording only).
+        analyze_every: analyze every this many epochs (the last epoch is the caller's to add).
+        print_table: print the per-layer table after each analysis.
+        out_dir: if given, the run (every report so far) is written atomically to
+            ``out_dir/run.json`` after each analysis.
+        printer: the function that prints tables (default ``print``; a tqdm loop may pass
+            ``tqdm.write``).
+    """
+
+    def __init__(
+        self,
+        lens: CurvatureLens,
+        fixed_batch: tuple[Tensor | tuple[Tensor, ...], Tensor] | None = None,
+        *,
+        analyze_every: int = 1,
+        print_table: bool = False,
+        out_dir: str | os.PathLike | None = None,
+        printer: Callable[[str], Any] = print,
+    ) -> None:
+        if not isinstance(lens, CurvatureLens):
+            raise TypeError(f"lens must be a CurvatureLens, got {type(lens).__name__}")
+        if fixed_batch is not None and (not isinstance(fixed_batch, Sequence)
+                                        or len(fixed_batch) != 2):
+            raise ValueError("fixed_batch must be a pair (inputs, targets) or None")
+        if isinstance(analyze_every, bool) or not isinstance(analyze_every, int) \
+                or analyze_every < 1:
+            raise ValueError(f"analyze_every must be an int >= 1, got {analyze_every!r}")
+        self.lens = lens
+        self.fixed_batch = fixed_batch
+        self.analyze_every = analyze_every
+        self.print_table = print_table
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.printer = printer
+
+    def on_train_begin(self) -> None:
+        """Register the lens's hooks."""
+        self.lens.__enter__()
+
+    def on_after_backward(self) -> None:
+        """Call after ``loss.backward()``, before the optimizer step."""
+        self.lens.step()
+
+    def on_epoch_end(self, epoch: int) -> Any:
+        """Analyze the fixed batch (every ``analyze_every`` epochs); returns the report or None."""
+        if self.fixed_batch is None or (epoch + 1) % self.analyze_every:
+            return None
+        inputs, targets = self.fixed_batch
+        report = self.lens.analyze(inputs, targets, epoch=epoch)
+        if self.print_table:
+            from curvlens.report import table
+
+            self.printer(table(report))
+        if self.out_dir is not None:
+            from curvlens.report import save_reports
+
+            save_reports(self.lens.history, self.out_dir / "run.json")
+        return report
+
+    def on_train_end(self) -> None:
+        """Remove the lens's hooks (also call it from an ``except``/``finally``)."""
+        self.lens.close()
+
+    def __enter__(self) -> LensCallback:
+        self.on_train_begin()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.on_train_end()
+
+
+def _lightning_module() -> Any:
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            raise ImportError(
+                "LightningLensCallback needs PyTorch Lightning: pip install lightning "
+                "(or curvlens[lightning]); LensCallback works with any loop"
+            ) from None
+    return pl
+
+
+def _make_lightning_callback() -> type:
+    pl = _lightning_module()
+
+    class LightningLensCallback(pl.Callback):
+        """PyTorch Lightning callback running a :class:`CurvatureLens` on the LightningModule.
+
+        The lens is built in ``setup`` on the LightningModule (so ``layers`` are its qualified
+        names), entered at ``on_fit_start``, stepped in ``on_after_backward``, used for an
+        analysis of ``fixed_batch`` at every ``on_train_epoch_end`` (alphas logged as
+        ``curvlens/alpha/<layer>``), and closed at ``on_fit_end`` or on an exception.
+
+        Args:
+            loss_fn: the loss of the training step, ``loss_fn(module(*inputs), targets)``.
+            fixed_batch: ``(inputs, targets)`` to analyze each epoch, or ``None``.
+            print_table: print the table after each analysis.
+            **lens_kwargs: keyword arguments of :class:`CurvatureLens`.
+
+        Attributes:
+            lens: the lens (``None`` before ``setup``).
+        """
+
+        def __init__(self, loss_fn: Callable, fixed_batch: tuple | None = None, *,
+                     print_table: bool = False, **lens_kwargs: Any) -> None:
+            super().__init__()
+            self.loss_fn = loss_fn
+            self.fixed_batch = fixed_batch
+            self.print_table = print_table
+            self.lens_kwargs = lens_kwargs
+            self.lens: CurvatureLens | None = None
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if self.lens is None:
+                self.lens = CurvatureLens(pl_module, self.loss_fn, **self.lens_kwargs)
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self.lens.__enter__()
+
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            self.lens.step()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.fixed_batch is None:
+                return
+            inputs, targets = self.fixed_batch
+            device = pl_module.device
+            inputs = (tuple(x.to(device) for x in inputs) if isinstance(inputs, tuple)
+                      else inputs.to(device))
+            with torch.enable_grad():
+                report = self.lens.analyze(inputs, targets.to(device),
+                                           epoch=trainer.current_epoch)
+            pl_module.log_dict({f"curvlens/alpha/{name}": float(rep.alpha)
+                                for name, rep in report.layers.items()})
+            if self.print_table:
+                from curvlens.report import table
+
+                print(table(report))
+
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+            self.lens.close()
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            if self.lens is not None:
+                self.lens.close()
+
+    return LightningLensCallback
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LightningLensCallback":
+        if name not in _LAZY:
+            _LAZY[name] = _make_lightning_callback()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
