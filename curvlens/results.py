@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["LayerReport", "Report"]
@@ -252,3 +254,38 @@ class Report:
             step=data.get("step"),
             meta=dict(data.get("meta", {})),
         )
+
+    # Rendering lives in curvlens.report; these methods are the contract's short forms
+    # (``report.table()``, ``report.to_json(path)``, ...), imported lazily to keep data flowing
+    # one way (results -> report).
+
+    def table(self, *, width: int = 80, summary: bool = True) -> str:
+        """The per-layer table (see :func:`curvlens.report.table`)."""
+        from curvlens.report import table
+
+        return table(self, width=width, summary=summary)
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON, atomically (see :func:`curvlens.report.to_json`)."""
+        from curvlens.report import to_json
+
+        return to_json(self, path)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Report:
+        """Read a report written by :meth:`to_json`."""
+        from curvlens.report import from_json
+
+        return from_json(path)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write one CSV row per layer, atomically (see :func:`curvlens.report.to_csv`)."""
+        from curvlens.report import to_csv
+
+        return to_csv(self, path)
+
+    def plot(self, directory: str | os.PathLike, history: list[Report] | None = None) -> list[Path]:
+        """Write the PNG figures into ``directory`` (see :func:`curvlens.report.plot`)."""
+        from curvlens.report import plot
+
+        return plot(self, directory, history)
