@@ -1,0 +1,444 @@
+r"""Free decompression: predict the spectrum of a large matrix from a random principal submatrix.
+
+Ameli et al., *free decompression* and its algebraic spectral-curve form (seed 003). A random
+:math:`n_s \times n_s` principal submatrix of an :math:`n \times n` matrix (with delocalized
+eigenvectors, e.g. Haar-rotated, Wishart, Hessian and activation covariances of wide layers) has
+the *free compression* of its spectral law by :math:`c = n_s/n`; decompression inverts it. With
+:math:`t = \ln(n / n_s)` and the Stieltjes transform :math:`m(z) = \int \rho(x)/(x - z)\,dx`
+(so :math:`m \sim -1/z` far away and :math:`\rho(x) = \mathrm{Im}\, m(x + i0)/\pi`), the law
+evolves by :math:`\partial_t m = -m + \partial_z m / m`, whose characteristics are
+
+.. math:: z = z_0 + (1 - e^t)/m_0(z_0), \qquad m_t(z) = e^{-t} m_0(z_0).
+
+Sign conventions verified on Marchenko-Pastur: a principal submatrix of a Wishart matrix with
+ratio :math:`\gamma` is Wishart with ratio :math:`\gamma e^{-t}`, and the map above sends
+:math:`\gamma_s z m^2 + (z - 1 + \gamma_s)m + 1 = 0` exactly to the same equation at
+:math:`\gamma = \gamma_s e^t` (tested to 1e-12). Free cumulants scale as
+:math:`\kappa_k \mapsto e^{(k-1)t}\kappa_k`: the mean is kept, the variance grows by :math:`e^t`.
+
+Algebraic route: if :math:`P_0(z, m) = \sum_{jk} a_{jk} z^j m^k = 0` on the physical branch at
+size :math:`n_s`, then at size :math:`n`
+
+.. math:: P_t(z, m) = m^{L} P_0\big(z + (1 - e^{-t})/m,\ e^t m\big), \qquad L = \deg_z P_0,
+
+a polynomial again. :func:`fit_spectral_curve` fits :math:`P_0` to the empirical Stieltjes
+transform sampled on ellipses around the support (the least-squares null vector of the monomial
+matrix, via SVD), :meth:`SpectralCurve.push` applies the map exactly, and
+:meth:`SpectralCurve.stieltjes` picks the physical root by continuation from the far field
+(:math:`m \approx -1/z` at :math:`z = x + iY`, :math:`Y` large) down to :math:`x + i\eta`, taking
+at each height the root nearest the previous one: branch tracking, needed where the pushed curve
+has several complex roots (multi-bulk spectra). Everything runs in standardized coordinates
+:math:`u = (z - c)/s`, :math:`w = s\,m` (the map commutes with affine changes of variable).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "stieltjes",
+    "marchenko_pastur_stieltjes",
+    "decompress_characteristics",
+    "SpectralCurve",
+    "fit_spectral_curve",
+    "select_curve_degrees",
+    "DEGREE_CANDIDATES",
+    "DecompressedSpectrum",
+    "free_decompress",
+    "submatrix_eigenvalues",
+]
+
+
+def _np(x: Tensor | np.ndarray | list) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def stieltjes(eigenvalues: Tensor | np.ndarray, z: np.ndarray | complex) -> np.ndarray:
+    r"""Empirical Stieltjes transform :math:`\frac1n\sum_k 1/(\lambda_k - z)` at each ``z``."""
+    lam = _np(eigenvalues)
+    z = np.asarray(z, dtype=complex)
+    return np.mean(1.0 / (lam[:, None] - z.ravel()[None, :]), axis=0).reshape(z.shape)
+
+
+def marchenko_pastur_stieltjes(z: np.ndarray | complex, ratio: float,
+                               variance: float = 1.0) -> np.ndarray:
+    r"""Physical branch of the Marchenko-Pastur Stieltjes transform (``Im z > 0`` or off support).
+
+    Root of :math:`\gamma\sigma^2 z m^2 + (z - \sigma^2(1 - \gamma)) m + 1 = 0` with
+    :math:`\mathrm{Im}\,m\,\mathrm{Im}\,z > 0` (nearest :math:`-1/z` on the real axis).
+    """
+    z = np.asarray(z, dtype=complex)
+    g, v = float(ratio), float(variance)
+    a, b = g * v * z, z - v * (1 - g)
+    disc = np.sqrt(b * b - 4 * a)
+    r1, r2 = (-b + disc) / (2 * a), (-b - disc) / (2 * a)
+    ok1 = np.where(np.abs(z.imag) > 0, r1.imag * np.sign(z.imag) > 0,
+                   np.abs(r1 + 1 / z) < np.abs(r2 + 1 / z))
+    return np.where(ok1, r1, r2)
+
+
+def decompress_characteristics(
+    m0: Callable[[np.ndarray], np.ndarray],
+    z: np.ndarray,
+    t: float,
+    *,
+    z0: np.ndarray | None = None,
+    tol: float = 1e-13,
+    maxiter: int = 100,
+) -> np.ndarray:
+    r""":math:`m_t(z)` by the characteristic method from an analytic Stieltjes transform ``m0``.
+
+    Solves :math:`z_0 + (1 - e^t)/m_0(z_0) = z` by Newton's method (complex-step derivative),
+    starting from ``z0`` or :math:`\mu + (z - \mu)e^{-t}` (the far-field solution), and returns
+    :math:`e^{-t} m_0(z_0)`. ``m0`` must be analytic near the solutions (a closed form or a
+    smoothed transform, not the pole-laden empirical one close to the real axis).
+
+    Args:
+        m0: vectorized Stieltjes transform at the small size.
+        z: points (``Im z > 0``) where the large-size transform is wanted.
+        t: :math:`\ln(n/n_s) \ge 0`.
+    """
+    z = np.asarray(z, dtype=complex)
+    a = 1.0 - math.exp(t)
+    if z0 is None:
+        far = 1e6j
+        mu = (far + 1.0 / m0(np.array([far]))[0]).real  # m0 ~ -1/(z - mean) far away
+        z0 = mu + (z - mu) * math.exp(-t)
+    w = np.array(z0, dtype=complex)
+    for _ in range(maxiter):
+        m = m0(w)
+        f = w + a / m - z
+        h = 1e-7 * (1 + np.abs(w))
+        dm = (m0(w + h) - m0(w - h)) / (2 * h)
+        step = f / (1 - a * dm / m**2)
+        w = w - step
+        if np.all(np.abs(step) <= tol * (1 + np.abs(w))):
+            break
+    return math.exp(-t) * m0(w)
+
+
+# --------------------------------------------------------------------------- algebraic curves
+
+
+@dataclass(frozen=True)
+class SpectralCurve:
+    r"""A polynomial :math:`P(u, w) = \sum_{jk} a_{jk} u^j w^k` with :math:`u = (z - c)/s`,
+    :math:`w = s\,m`, whose physical root is the Stieltjes transform of a spectral law.
+
+    Attributes:
+        coeffs: ``[deg_z + 1, deg_m + 1]`` real :math:`a_{jk}` (unit Frobenius norm).
+        center, scale: the standardization ``c``, ``s``.
+    """
+
+    coeffs: np.ndarray
+    center: float
+    scale: float
+
+    def __call__(self, z: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """:math:`P` at ``(z, m)`` in the original coordinates."""
+        u = (np.asarray(z, dtype=complex) - self.center) / self.scale
+        w = self.scale * np.asarray(m, dtype=complex)
+        return np.polynomial.polynomial.polyval2d(u, w, self.coeffs)
+
+    def push(self, t: float) -> SpectralCurve:
+        r"""The curve after decompression by :math:`e^t`: :math:`w^L P(u + \tau/w, e^t w)`.
+
+        :math:`\tau = 1 - e^{-t}`, :math:`L = \deg_u P`. In standardized coordinates
+        :math:`z + \tau/m` is :math:`u + \tau/w`, so the map has the same form.
+        """
+        a = self.coeffs
+        dz, dm = a.shape[0] - 1, a.shape[1] - 1
+        tau = 1.0 - math.exp(-t)
+        out = np.zeros((dz + 1, dm + dz + 1))
+        for j in range(dz + 1):
+            for k in range(dm + 1):
+                if a[j, k] == 0:
+                    continue
+                for i in range(j + 1):
+                    out[i, dz - (j - i) + k] += (
+                        a[j, k] * math.exp(t * k) * math.comb(j, i) * tau ** (j - i)
+                    )
+        out = out / np.linalg.norm(out)
+        while out.shape[1] > 2 and np.all(np.abs(out[:, 0]) < 1e-14):
+            out = out[:, 1:]  # divide out a factor m (it never vanishes on the physical branch)
+        return SpectralCurve(out / np.linalg.norm(out), self.center, self.scale)
+
+    def stieltjes(self, x: np.ndarray, eta: float = 1e-6, *, y_max: float = 30.0,
+                  steps: int = 120) -> np.ndarray:
+        r"""Physical branch :math:`m(x + i\eta s)` at real ``x`` by continuation from far field.
+
+        Args:
+            x: ``[G]`` real points (original coordinates).
+            eta: final height in standardized units.
+            y_max, steps: the starting height (standardized) and geometric steps down to ``eta``.
+        """
+        u = (_np(x) - self.center) / self.scale
+        return _track(self.coeffs, u + 1j * eta, y_max, steps) / self.scale
+
+    def density(self, x: np.ndarray, eta: float = 1e-6) -> np.ndarray:
+        """:math:`\\rho(x) = \\max(\\mathrm{Im}\\, m(x + i0), 0)/\\pi` on the physical branch."""
+        return np.clip(self.stieltjes(x, eta).imag, 0, None) / math.pi
+
+
+def _track(coeffs: np.ndarray, u: np.ndarray, y_max: float = 30.0, steps: int = 120) -> np.ndarray:
+    """Physical root at complex ``u`` (``Im u > 0``) by descent from ``Re u + i y_max``."""
+    u = np.asarray(u, dtype=complex)
+    heights = np.geomspace(np.full(u.shape, y_max), u.imag, steps)  # [steps, G]
+    w = -1.0 / (u.real + 1j * heights[0])
+    rows = np.arange(u.size)
+    for y in heights:
+        roots = _roots_in_w(coeffs, u.real + 1j * y)  # [G, D]
+        w = roots[rows, np.argmin(np.abs(roots - w[:, None]), axis=1)]
+    return w
+
+
+def _roots_in_w(coeffs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """All roots in ``w`` of ``P(u_g, w)`` for each ``u_g`` (batched companion matrices)."""
+    c = np.stack([np.polynomial.polynomial.polyval(u, coeffs[:, k])
+                  for k in range(coeffs.shape[1])], axis=1)  # [G, D+1], c[:, k] of w^k
+    # trim leading coefficients that vanish identically
+    deg = coeffs.shape[1] - 1
+    while deg > 0 and np.all(coeffs[:, deg] == 0):
+        deg -= 1
+    c = c[:, : deg + 1]
+    lead = c[:, -1:]
+    comp = np.zeros((u.size, deg, deg), dtype=complex)
+    comp[:, 1:, :-1] = np.eye(deg - 1)
+    comp[:, :, -1] = -c[:, :-1] / lead
+    return np.linalg.eigvals(comp)
+
+
+def fit_spectral_curve(
+    eigenvalues: Tensor | np.ndarray,
+    deg_z: int = 2,
+    deg_m: int = 3,
+    *,
+    distances: tuple[float, ...] = (0.15, 0.3, 0.6, 1.2),
+    points: int = 200,
+    moment_constraints: int | None = None,
+) -> SpectralCurve:
+    r"""Fit :math:`P(z, m) = 0` to the empirical Stieltjes transform of ``eigenvalues``.
+
+    The transform is sampled on upper half-ellipses around the standardized support at the given
+    ``distances`` (in units of the standardized half-width), each row ``[u^j w^k]`` is normalized,
+    real and imaginary parts are stacked and the coefficients are the right singular vector of the
+    smallest singular value (a real least-squares null vector).
+
+    Args:
+        eigenvalues: ``[n_s]`` measured spectrum.
+        deg_z, deg_m: degrees of the polynomial in ``z`` and ``m`` (Marchenko-Pastur: 1, 2).
+        distances, points: the sampling ellipses and points per ellipse.
+        moment_constraints: number of leading Laurent coefficients of
+            :math:`P(z, m(z))` at :math:`z \to \infty` forced to vanish, with :math:`m`'s
+            expansion :math:`-\sum_k \mu_k z^{-k-1}` from the spectrum's exact moments
+            (default ``deg_z + deg_m``; 0 disables). This removes spurious near-null
+            directions of the least-squares problem at higher degrees.
+    """
+    lam = _np(eigenvalues)
+    if lam.size < 4 or not np.isfinite(lam).all():
+        raise ValueError(f"need at least 4 finite eigenvalues to fit a curve, got {lam.size}")
+    if moment_constraints is None:
+        moment_constraints = deg_z + deg_m
+    if deg_z < 1 or deg_m < 1:
+        raise ValueError(f"deg_z and deg_m must be >= 1, got {deg_z!r}, {deg_m!r}")
+    c = float(lam.mean())
+    s = float(lam.std()) or 1.0
+    u_eig = (lam - c) / s
+    lo, hi = u_eig.min(), u_eig.max()
+    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo) + 1e-12
+    theta = np.linspace(0, np.pi, points + 2)[1:-1]
+    us = np.concatenate([mid + (half + d * half) * np.cos(theta)
+                         + 1j * (d * half + 0.5 * d * half) * np.sin(theta) for d in distances])
+    ws = np.mean(1.0 / (u_eig[:, None] - us[None, :]), axis=0)
+    jj, kk = np.meshgrid(np.arange(deg_z + 1), np.arange(deg_m + 1), indexing="ij")
+    rows = us[:, None] ** jj.ravel()[None] * ws[:, None] ** kk.ravel()[None]  # [P, terms]
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    design = np.concatenate([rows.real, rows.imag])
+    basis = np.eye(design.shape[1])
+    moment_constraints = min(int(moment_constraints), (deg_z + 1) * (deg_m + 1) - 2)
+    if moment_constraints > 0:
+        cons = _moment_constraints(u_eig, deg_z, deg_m, moment_constraints)
+        _, sv, vh = np.linalg.svd(cons)
+        rank = int(np.sum(sv > sv[0] * 1e-10)) if sv.size else 0
+        basis = vh[rank:].T  # [terms, free]
+    _, _, vh = np.linalg.svd(design @ basis, full_matrices=False)
+    coeffs = (basis @ vh[-1]).reshape(deg_z + 1, deg_m + 1)
+    return SpectralCurve(coeffs / np.linalg.norm(coeffs), c, s)
+
+
+def _moment_constraints(u: np.ndarray, deg_z: int, deg_m: int, count: int) -> np.ndarray:
+    """Rows ``[count, terms]``: Laurent coefficients of ``P(u, w(u))`` at ``u^deg_z, u^(deg_z-1),
+    ...`` with ``w(u) = -sum_k mu_k u^(-k-1)`` (``mu_k`` the moments of ``u``)."""
+    order = count + deg_m + 1
+    mu = np.array([np.mean(u**k) for k in range(order)])  # series S(1/u) = sum mu_k u^-k
+    powers = [np.zeros(order) for _ in range(deg_m + 1)]
+    powers[0][0] = 1.0
+    for k in range(1, deg_m + 1):
+        powers[k] = -np.convolve(powers[k - 1], mu)[:order]  # (-S)^k
+    rows = np.zeros((count, (deg_z + 1) * (deg_m + 1)))
+    for j in range(deg_z + 1):
+        for k in range(deg_m + 1):
+            # u^j w^k = u^(j-k) (-S)^k: coefficient of u^(deg_z - r) comes from S-index
+            # i with j - k - i = deg_z - r, i.e. i = r - (deg_z - j) - k
+            for r in range(count):
+                i = r - (deg_z - j) - k
+                if 0 <= i < order:
+                    rows[r, j * (deg_m + 1) + k] = powers[k][i]
+    return rows
+
+
+# --------------------------------------------------------------------------- end to end
+
+#: Degree pairs ``(deg_z, deg_m)`` tried by :func:`select_curve_degrees`, simplest first.
+DEGREE_CANDIDATES: tuple[tuple[int, int], ...] = (
+    (1, 2), (1, 3), (2, 3), (2, 4), (2, 5), (3, 4), (3, 5), (3, 6),
+)
+
+
+def select_curve_degrees(
+    eigenvalues: Tensor | np.ndarray,
+    candidates: tuple[tuple[int, int], ...] = DEGREE_CANDIDATES,
+    *,
+    holdout: float = 0.08,
+    tolerance: float = 1.5,
+    moment_constraints: int | None = None,
+) -> tuple[int, int]:
+    """Pick curve degrees by hold-out validation of the whole fit-and-track pipeline.
+
+    Each candidate curve is fitted on the usual ellipses, then its tracked physical branch is
+    compared with the empirical Stieltjes transform on a closer, held-out ellipse (``holdout``
+    half-widths from the support), where over-fitted curves (spurious factors, wrong sheets)
+    fail. The simplest candidate within ``tolerance`` times the best hold-out error (or within
+    ``1/n_s`` of it, the sampling noise of an ``n_s``-point Stieltjes transform) wins.
+    """
+    lam = _np(eigenvalues)
+    c, s = float(lam.mean()), float(lam.std()) or 1.0
+    u_eig = (lam - c) / s
+    lo, hi = u_eig.min(), u_eig.max()
+    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    theta = np.linspace(0, np.pi, 102)[1:-1]
+    u = mid + (1 + holdout) * half * np.cos(theta) + 1j * 1.5 * holdout * half * np.sin(theta)
+    w_emp = np.mean(1.0 / (u_eig[:, None] - u[None, :]), axis=0)
+    errors = []
+    for dz, dm in candidates:
+        curve = fit_spectral_curve(lam, dz, dm, moment_constraints=moment_constraints)
+        w = _track(curve.coeffs, u)
+        errors.append(float(np.sqrt(np.mean(np.abs(w - w_emp) ** 2))))
+    best = min(errors)
+    slack = max((tolerance - 1) * best, 1.0 / lam.size)  # 1/n_s: the transform's own noise scale
+    for cand, err in zip(candidates, errors):
+        if err <= best + slack:
+            return cand
+    return candidates[int(np.argmin(errors))]
+
+
+@dataclass(frozen=True)
+class DecompressedSpectrum:
+    """A predicted spectral density at size ``n`` on a grid.
+
+    Attributes:
+        x: ``[G]`` grid; density: ``[G]`` predicted density; mass: its integral (close to 1
+            when the curve captured the whole law).
+        n: target size; t: ``ln(n / n_s)``; curve: the pushed :class:`SpectralCurve`.
+    """
+
+    x: np.ndarray
+    density: np.ndarray
+    mass: float
+    n: int
+    t: float
+    curve: SpectralCurve
+
+    def cdf(self) -> np.ndarray:
+        """Cumulative distribution on ``x`` (trapezoid rule, normalized to end at 1)."""
+        inc = 0.5 * (self.density[1:] + self.density[:-1]) * np.diff(self.x)
+        cum = np.concatenate([[0.0], np.cumsum(inc)])
+        return cum / cum[-1]
+
+    def quantiles(self, q: np.ndarray) -> np.ndarray:
+        """Quantiles of the predicted law at levels ``q`` in ``[0, 1]``."""
+        cdf = self.cdf()
+        keep = np.concatenate([[True], np.diff(cdf) > 0])
+        return np.interp(np.asarray(q, dtype=float), cdf[keep], self.x[keep])
+
+    def eigenvalues(self, n: int | None = None) -> np.ndarray:
+        """Estimated eigenvalues of the size-``n`` matrix (quantiles at ``(k - 1/2)/n``)."""
+        n = self.n if n is None else int(n)
+        return self.quantiles((np.arange(n) + 0.5) / n)
+
+
+def free_decompress(
+    eigenvalues: Tensor | np.ndarray,
+    n: int,
+    *,
+    deg_z: int | None = None,
+    deg_m: int | None = None,
+    moment_constraints: int | None = None,
+    grid: int = 2000,
+    eta: float = 1e-6,
+    x: np.ndarray | None = None,
+) -> DecompressedSpectrum:
+    """Predict the spectral density of the ``n x n`` matrix from its submatrix's eigenvalues.
+
+    Args:
+        eigenvalues: ``[n_s]`` eigenvalues of a random ``n_s x n_s`` principal submatrix.
+        n: size of the full matrix (``n >= n_s``).
+        deg_z, deg_m: degrees of the fitted spectral curve; by default chosen among
+            :data:`DEGREE_CANDIDATES` by :func:`select_curve_degrees` (hold-out validation).
+        moment_constraints: passed to :func:`fit_spectral_curve`.
+        grid: number of grid points; the grid spans the submatrix's range widened by
+            ``sqrt(n / n_s)`` around the mean (free variance grows by ``n / n_s``), unless
+            ``x`` is given.
+        eta: final height of the branch continuation (standardized units).
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.standard_normal((200, 800))
+        >>> eigs = np.linalg.eigvalsh(x @ x.T / 800)          # Wishart, ratio 1/4
+        >>> out = free_decompress(eigs, 400, deg_z=1, deg_m=2)  # predict ratio 1/2
+        >>> round(float(out.x[out.density > 1e-3].max()), 1)    # MP edge (1 + sqrt(1/2))^2
+        2.9
+    """
+    lam = _np(eigenvalues)
+    n_s = lam.size
+    if n < n_s:
+        raise ValueError(f"free decompression needs n >= n_s = {n_s}, got n={n!r}")
+    t = math.log(n / n_s)
+    if deg_z is None or deg_m is None:
+        deg_z, deg_m = select_curve_degrees(lam, moment_constraints=moment_constraints)
+    curve = fit_spectral_curve(lam, deg_z, deg_m,
+                               moment_constraints=moment_constraints).push(t)
+    if x is None:
+        c, r = float(lam.mean()), float(np.max(np.abs(lam - lam.mean())))
+        spread = 1.2 * r * math.exp(t / 2) + 0.05 * r
+        x = np.linspace(c - spread, c + spread, grid)
+    x = _np(x)
+    dens = curve.density(x, eta)
+    mass = float(np.sum(0.5 * (dens[1:] + dens[:-1]) * np.diff(x)))
+    return DecompressedSpectrum(x, dens, mass, int(n), t, curve)
+
+
+def submatrix_eigenvalues(
+    matrix: Tensor, size: int, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Eigenvalues ``[size]`` (ascending) of a uniformly random principal submatrix.
+
+    Use with :func:`free_decompress` to predict the spectrum of ``matrix`` (e.g. a layer's
+    activation covariance or a Hessian block, where only ``size`` rows/columns are affordable).
+    """
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"need a square matrix, got shape {tuple(matrix.shape)}")
+    if not 1 <= size <= matrix.shape[0]:
+        raise ValueError(f"size must be in [1, {matrix.shape[0]}], got {size!r}")
+    idx = torch.randperm(matrix.shape[0], generator=generator)[:size]
+    sub = matrix[idx][:, idx].to(torch.float64)
+    return torch.linalg.eigvalsh(0.5 * (sub + sub.T))
