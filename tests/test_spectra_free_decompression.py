@@ -182,3 +182,22 @@ def test_submatrix_eigenvalues_match_direct():
     got = submatrix_eigenvalues(a, 10, generator=torch.Generator().manual_seed(5))
     idx = torch.randperm(30, generator=torch.Generator().manual_seed(5))[:10]
     torch.testing.assert_close(got, torch.linalg.eigvalsh(a[idx][:, idx]))
+
+
+def test_cli_decompress(tmp_path, capsys):
+    import argparse
+
+    from curvlens.spectra._cli import add_parser
+
+    x = np.random.default_rng(0).standard_normal((200, 800))
+    np.save(tmp_path / "e.npy", np.linalg.eigvalsh(x @ x.T / 800))
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["spectra", "decompress", str(tmp_path / "e.npy"), "--n", "400",
+                              "--out", str(tmp_path / "d.npz")])
+    assert args.func(args) == 0
+    saved = np.load(tmp_path / "d.npz")
+    lo = (1 - math.sqrt(0.5)) ** 2
+    assert saved["eigenvalues"].shape == (400,)
+    assert saved["eigenvalues"][0] == pytest.approx(lo, abs=0.03)  # MP(1/2) lower edge
+    assert "mass=1.00" in capsys.readouterr().out

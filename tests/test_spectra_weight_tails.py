@@ -186,3 +186,26 @@ def test_agrees_with_powerlaw_package():
     assert ours.sigma == pytest.approx(se, rel=1e-12)
     best = fit_powerlaw_tail(x, min_tail=2)
     assert abs(best.alpha - free.power_law.alpha) < 2 * best.sigma
+
+
+def test_cli_weights_table_from_state_dict_and_module(tmp_path, capsys):
+    import argparse
+    import json
+
+    from curvlens.spectra._cli import add_parser
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    torch.save(net, tmp_path / "full.pt")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    for ckpt in ("sd.pt", "full.pt"):
+        args = parser.parse_args(["spectra", "weights", str(tmp_path / ckpt),
+                                  "--json", str(tmp_path / "w.json")])
+        assert args.func(args) == 0
+        out = json.loads((tmp_path / "w.json").read_text())
+        assert list(out) == ["0", "2"] and out["0"]["shape"] == [128, 64]
+        ref = weight_tail_stats(net[0].weight)
+        assert out["0"]["alpha"] == pytest.approx(ref.alpha, rel=1e-12)
+    assert "128x64" in capsys.readouterr().out

@@ -366,7 +366,8 @@ class DecompressedSpectrum:
     def quantiles(self, q: np.ndarray) -> np.ndarray:
         """Quantiles of the predicted law at levels ``q`` in ``[0, 1]``."""
         cdf = self.cdf()
-        keep = np.concatenate([[True], np.diff(cdf) > 0])
+        rise = np.diff(cdf) > 0
+        keep = np.concatenate([rise, [False]]) | np.concatenate([[False], rise])  # support + ends
         return np.interp(np.asarray(q, dtype=float), cdf[keep], self.x[keep])
 
     def eigenvalues(self, n: int | None = None) -> np.ndarray:
