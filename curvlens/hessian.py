@@ -193,13 +193,15 @@ def block_hvp(
     args = as_tuple(inputs)
     check_batch(args, where)
     k = V.shape[0]
+    if k == 0:
+        return torch.zeros_like(V)
     with measurement_mode(model):
         graph = GradGraph(model, loss_fn, args, targets, [w], where)
         chunks = [
             graph.hvp([c.reshape(c.shape[0], *w.shape)], batched=True)[0].reshape(-1, m, n)
-            for c in V.split(max_batch or max(k, 1))
+            for c in V.split(max_batch or k)
         ]
-    return torch.cat(chunks) if chunks else torch.zeros_like(V)
+    return torch.cat(chunks)
 
 
 def directional_curvature(
@@ -357,7 +359,9 @@ def model_hvp(
         graph = GradGraph(model, loss_fn, args, targets, params, where)
         if v.dim() == 1:
             return flat_hvp(graph, v)
-        return torch.cat([flat_hvp(graph, c) for c in v.split(max_batch or max(len(v), 1))])
+        if len(v) == 0:
+            return torch.zeros_like(v)
+        return torch.cat([flat_hvp(graph, c) for c in v.split(max_batch or len(v))])
 
 
 def flat_hvp(graph: GradGraph, v: Tensor) -> Tensor:

@@ -191,7 +191,7 @@ def test_block_hvp_matches_dense(case, layer):
     assert [m.training for m in model.modules()] == flags
 
 
-@pytest.mark.parametrize("method", ["forward", "hvp", "auto"])
+@pytest.mark.parametrize("method", ["forward", "hvp"])
 @pytest.mark.parametrize("case,layer", LAYER_CASES)
 def test_directional_curvature_matches_dense(case, layer, method):
     model, loss_fn, inputs, targets, H = _block(case, layer)
@@ -275,9 +275,9 @@ def test_slq_moments(layer):
              [n for n, p in model.named_parameters() if p.requires_grad])
     H = dense_hessian(model, loss_fn, inputs, targets, names)
     dim = H.shape[0]
-    dens = hessian_density(model, loss_fn, inputs, targets, layer, num_probes=40, num_iter=10,
+    dens = hessian_density(model, loss_fn, inputs, targets, layer, num_probes=24, num_iter=10,
                            generator=torch.Generator().manual_seed(14))
-    z = random_probes(dim, 40, generator=torch.Generator().manual_seed(14), dtype=DT)
+    z = random_probes(dim, 24, generator=torch.Generator().manual_seed(14), dtype=DT)
     q = z / math.sqrt(dim)
     m1 = (dens.weights * dens.nodes).sum(-1)  # per probe: q^T H q exactly
     m2 = (dens.weights * dens.nodes**2).sum(-1)  # q^T H^2 q
@@ -364,6 +364,19 @@ def test_progress_bar_does_not_change_results(capsys):
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+def test_zero_directions_give_empty_results():
+    model, loss_fn, inputs, targets = _setup("mlp")
+    assert block_hvp(model, loss_fn, inputs, targets, "0", torch.zeros(0, 5, 4, dtype=DT)).shape \
+        == (0, 5, 4)
+    for method in ("forward", "hvp"):
+        h = directional_curvature(model, loss_fn, inputs, targets, "0",
+                                  torch.zeros(5, 0, dtype=DT), torch.zeros(4, 0, dtype=DT),
+                                  method=method)
+        assert h.shape == (0,)
+    P = sum(p.numel() for p in model.parameters())
+    assert model_hvp(model, loss_fn, inputs, targets, torch.zeros(0, P, dtype=DT)).shape == (0, P)
 
 
 def test_errors_name_the_layer():
