@@ -310,6 +310,8 @@ def select_curve_degrees(
     holdout: float = 0.08,
     tolerance: float = 1.5,
     moment_constraints: int | None = None,
+    t: float | None = None,
+    mass_tolerance: float = 0.02,
 ) -> tuple[int, int]:
     """Pick curve degrees by hold-out validation of the whole fit-and-track pipeline.
 
@@ -318,6 +320,10 @@ def select_curve_degrees(
     half-widths from the support), where over-fitted curves (spurious factors, wrong sheets)
     fail. The simplest candidate within ``tolerance`` times the best hold-out error (or within
     ``1/n_s`` of it, the sampling noise of an ``n_s``-point Stieltjes transform) wins.
+
+    A curve can reproduce the submatrix well and still push badly (a nearly common factor of the
+    over-fitted polynomial moves into the support). With ``t`` given, candidates whose pushed
+    density does not integrate to 1 within ``mass_tolerance`` are rejected first.
     """
     lam = _np(eigenvalues)
     c, s = float(lam.mean()), float(lam.std()) or 1.0
@@ -331,7 +337,20 @@ def select_curve_degrees(
     for dz, dm in candidates:
         curve = fit_spectral_curve(lam, dz, dm, moment_constraints=moment_constraints)
         w = _track(curve.coeffs, u)
-        errors.append(float(np.sqrt(np.mean(np.abs(w - w_emp) ** 2))))
+        err = float(np.sqrt(np.mean(np.abs(w - w_emp) ** 2)))
+        if t is not None and err < np.inf:
+            r = float(np.max(np.abs(u_eig)))
+            x = np.linspace(-1.3 * r * math.exp(t / 2), 1.3 * r * math.exp(t / 2), 800)
+            dens = np.clip(_track(curve.push(t).coeffs, x + 1e-6j).imag, 0, None) / math.pi
+            mass = float(np.sum(0.5 * (dens[1:] + dens[:-1]) * np.diff(x)))
+            if not abs(mass - 1.0) <= mass_tolerance:
+                err = np.inf
+        errors.append(err)
+    if not np.isfinite(min(errors)):
+        raise RuntimeError(
+            "no candidate spectral curve gives a normalized decompressed density; pass "
+            "deg_z/deg_m explicitly or use more eigenvalues (a larger submatrix)"
+        )
     best = min(errors)
     slack = max((tolerance - 1) * best, 1.0 / lam.size)  # 1/n_s: the transform's own noise scale
     for cand, err in zip(candidates, errors):
@@ -415,7 +434,7 @@ def free_decompress(
         raise ValueError(f"free decompression needs n >= n_s = {n_s}, got n={n!r}")
     t = math.log(n / n_s)
     if deg_z is None or deg_m is None:
-        deg_z, deg_m = select_curve_degrees(lam, moment_constraints=moment_constraints)
+        deg_z, deg_m = select_curve_degrees(lam, moment_constraints=moment_constraints, t=t)
     curve = fit_spectral_curve(lam, deg_z, deg_m,
                                moment_constraints=moment_constraints).push(t)
     if x is None:
