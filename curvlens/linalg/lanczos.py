@@ -193,7 +193,8 @@ def lanczos(
 
     # rows q_1..q_j; grown by doubling, since convergence usually comes long before num_iter
     basis = torch.empty(min(num_iter, 2 * n_ends * k + 20), dim, dtype=dtype, device=device)
-    T = torch.zeros(num_iter, num_iter, dtype=dtype, device=device)
+    # the small tridiagonal problem lives on the CPU: each step needs its eigenvalues anyway
+    T = torch.zeros(num_iter, num_iter, dtype=dtype)
     basis[0] = q
     bar = _progress_bar(progress, num_iter)
     converged = False
@@ -205,13 +206,14 @@ def lanczos(
             T[j, j] = basis[j] @ w
             w = _orthogonalize(w, basis[: j + 1])
             beta = torch.linalg.vector_norm(w)
+            beta_f = float(beta)
             j += 1
             if bar is not None:
                 bar.update(1)
             theta, s = torch.linalg.eigh(T[:j, :j])  # ascending
             wanted = _wanted(j, k, which)
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
-            breakdown = float(beta) <= 1e3 * eps * float(scale)
+            breakdown = beta_f <= 1e3 * eps * float(scale)
             if breakdown:
                 # The Krylov space is invariant: all Ritz values are eigenvalues, but copies of
                 # repeated ones may lie outside it. Stop once a restart changes nothing wanted.
@@ -223,7 +225,7 @@ def lanczos(
                 last_breakdown = theta[wanted] if j >= n_ends * k else None
             elif j >= n_ends * k:
                 last_breakdown = None
-                resid = (beta * s[-1, wanted]).abs()
+                resid = (beta_f * s[-1, wanted]).abs()
                 floor = 10 * eps * scale
                 if bool((resid <= torch.maximum(tol * theta[wanted].abs(), floor)).all()):
                     converged = True
@@ -240,7 +242,7 @@ def lanczos(
                 )
                 basis[j] = w / torch.linalg.vector_norm(w)
             else:
-                T[j - 1, j] = T[j, j - 1] = beta
+                T[j - 1, j] = T[j, j - 1] = beta_f
                 basis[j] = w / beta
     finally:
         if bar is not None:
@@ -253,10 +255,10 @@ def lanczos(
             stacklevel=2,
         )
     idx = _wanted(j, k, which).flip(0)  # descending
-    values = theta[idx]
+    values = theta[idx].to(device)
     if not return_vectors:
         return values
-    vectors = basis[:j].mT @ s[:, idx]  # [dim, k]
+    vectors = basis[:j].mT @ s[:, idx].to(device)  # [dim, k]
     return values, vectors
 
 
