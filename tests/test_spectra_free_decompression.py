@@ -83,12 +83,16 @@ def _wishart(n: int, big_n: int, seed: int, root: np.ndarray | None = None) -> n
     return x @ x.T / big_n
 
 
-def test_wishart_small_decompression_beats_baseline():
+@pytest.mark.parametrize("degrees", [
+    pytest.param((1, 2), id="mp-degrees"),
+    pytest.param((None, None), id="auto-degrees", marks=pytest.mark.slow),
+])
+def test_wishart_small_decompression_beats_baseline(degrees):
     s = _wishart(600, 1200, seed=1)
     true = np.linalg.eigvalsh(s)
     sub = submatrix_eigenvalues(torch.from_numpy(s), 150,
                                 generator=torch.Generator().manual_seed(0)).numpy()
-    out = free_decompress(sub, 600)
+    out = free_decompress(sub, 600, deg_z=degrees[0], deg_m=degrees[1])
     assert out.mass == pytest.approx(1.0, abs=0.01)
     pred = out.eigenvalues()
     assert pred.shape == (600,) and np.all(np.diff(pred) >= 0)
@@ -194,7 +198,7 @@ def test_cli_decompress(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["spectra", "decompress", str(tmp_path / "e.npy"), "--n", "400",
-                              "--out", str(tmp_path / "d.npz")])
+                              "--deg-z", "1", "--deg-m", "2", "--out", str(tmp_path / "d.npz")])
     assert args.func(args) == 0
     saved = np.load(tmp_path / "d.npz")
     lo = (1 - math.sqrt(0.5)) ** 2

@@ -336,12 +336,13 @@ def select_curve_degrees(
     errors = []
     for dz, dm in candidates:
         curve = fit_spectral_curve(lam, dz, dm, moment_constraints=moment_constraints)
-        w = _track(curve.coeffs, u)
+        w = _track(curve.coeffs, u, steps=60)
         err = float(np.sqrt(np.mean(np.abs(w - w_emp) ** 2)))
         if t is not None and err < np.inf:
             r = float(np.max(np.abs(u_eig)))
-            x = np.linspace(-1.3 * r * math.exp(t / 2), 1.3 * r * math.exp(t / 2), 800)
-            dens = np.clip(_track(curve.push(t).coeffs, x + 1e-6j).imag, 0, None) / math.pi
+            x = np.linspace(-1.3 * r * math.exp(t / 2), 1.3 * r * math.exp(t / 2), 400)
+            dens = np.clip(_track(curve.push(t).coeffs, x + 1e-6j, steps=80).imag, 0, None)
+            dens = dens / math.pi
             mass = float(np.sum(0.5 * (dens[1:] + dens[:-1]) * np.diff(x)))
             if not abs(mass - 1.0) <= mass_tolerance:
                 err = np.inf
