@@ -52,3 +52,16 @@ def sum_count(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item())
+
+
+def batch_mean(tensor: Tensor, batch_size: int) -> Tensor:
+    """Batch-size-weighted mean over processes of a per-process mean (in place, also returned).
+
+    A quantity that is linear in the per-process mean loss (a gradient, an HVP, a quadratic form
+    of the Hessian) then equals the quantity of the mean loss over the union of the batches.
+    """
+    if is_distributed():
+        total = sum_count(batch_size, tensor.device)
+        tensor *= batch_size / total
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._dist import batch_mean
 from curvlens._layer_fields import (
     _alignment,
     _eps_of,
@@ -237,6 +238,12 @@ def analyze_model(
     and the half-batch noise ``||(G1 - G2)/2||_2``; then :func:`analyze_layer`. Everything runs
     inside :func:`curvlens.hessian.measurement_mode` (dropout off, batch-norm in eval mode).
 
+    Under an initialized ``torch.distributed`` process group every process passes its own shard
+    of the fixed batch and calls this function: gradients, ``h_k``, Lanczos products and
+    Kronecker statistics are averaged over processes (weighted by shard size), so each process
+    reports what one process would report on the union of the shards. Only the noise floor
+    differs: its half-batches are the halves of each shard.
+
     Args:
         model: the network, called as ``model(*inputs)``.
         loss_fn: ``loss_fn(output, targets)``, a mean over the batch.
@@ -295,8 +302,10 @@ def analyze_model(
                                               shape=(m, n), kind=info.kind.value, notes=notes)
                 continue
             U, S, V = gradient_svd(G, k)
-            h = directional_curvature(model, loss_fn, args, targets, info, U, V)
-            lam = (block_eigenvalues(model, loss_fn, args, targets, info, min(lanczos_k, m * n))
+            h = batch_mean(directional_curvature(model, loss_fn, args, targets, info, U, V),
+                           batch)
+            lam = (block_eigenvalues(model, loss_fn, args, targets, info, min(lanczos_k, m * n),
+                                     generator=torch.Generator(G.device).manual_seed(seed))
                    if lanczos_k else None)
             f = factors.get(name)
             reports[name] = analyze_layer(
@@ -344,7 +353,7 @@ def _layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: 
         if not bool(torch.isfinite(g).all()):
             raise RuntimeError(f"layer {name!r}: the gradient on {what} has NaN or Inf "
                                "entries; check the loss scale, the inputs and the weights")
-        out[name] = g.detach().reshape(info.matrix_shape)
+        out[name] = batch_mean(g.detach().reshape(info.matrix_shape), int(args[0].shape[0]))
     return out
 
 

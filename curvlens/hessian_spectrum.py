@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._dist import batch_mean, is_distributed
 from curvlens._functional_model import Inputs, as_tuple, check_batch, trainable_parameters
 from curvlens._modes import measurement_mode
 from curvlens.hessian import GradGraph, LossFn, _layer, flat_hvp
@@ -44,7 +45,16 @@ def _graph(
         params, shape = [info.weight], info.matrix_shape
     args = as_tuple(inputs)
     check_batch(args, where)
-    return GradGraph(model, loss_fn, args, targets, params, where), shape
+    graph = GradGraph(model, loss_fn, args, targets, params, where)
+    graph.batch_size = int(args[0].shape[0])
+    return graph, shape
+
+
+def _shared(generator: torch.Generator | None) -> torch.Generator | None:
+    """Under torch.distributed every process must draw the same random vectors."""
+    if generator is None and is_distributed():
+        return torch.Generator().manual_seed(0)
+    return generator
 
 
 def _work_dtype(graph: GradGraph, dtype: torch.dtype | None) -> torch.dtype:
@@ -56,8 +66,11 @@ def _work_dtype(graph: GradGraph, dtype: torch.dtype | None) -> torch.dtype:
 def _matvec(graph: GradGraph) -> Callable[[Tensor], Tensor]:
     """Flat ``[dim] -> [dim]`` (and column-batched ``[dim, b] -> [dim, b]``) Hessian product."""
 
+    batch = graph.batch_size
+
     def matvec(x: Tensor) -> Tensor:
-        return flat_hvp(graph, x) if x.dim() == 1 else flat_hvp(graph, x.mT).mT
+        out = flat_hvp(graph, x) if x.dim() == 1 else flat_hvp(graph, x.mT).mT
+        return batch_mean(out, batch)  # under torch.distributed: the union of the batches
 
     return matvec
 
@@ -73,7 +86,7 @@ def _eigen(
         dim = sum(p.numel() for p in graph.params)
         out = lanczos(
             _matvec(graph), dim, k, which=which, num_iter=num_iter, tol=tol,
-            generator=generator, dtype=_work_dtype(graph, dtype),
+            generator=_shared(generator), dtype=_work_dtype(graph, dtype),
             device=graph.params[0].device, return_vectors=return_vectors, progress=progress,
         )
     if not return_vectors:
@@ -197,7 +210,7 @@ def hessian_trace(
         graph, _ = _graph(model, loss_fn, inputs, targets, layer)
         return hutchinson_trace(
             _matvec(graph), sum(p.numel() for p in graph.params), num_samples,
-            batch_size=batch_size, distribution=distribution, generator=generator,
+            batch_size=batch_size, distribution=distribution, generator=_shared(generator),
             dtype=_work_dtype(graph, dtype), device=graph.params[0].device, progress=progress,
         )
 
@@ -231,6 +244,6 @@ def hessian_density(
         return spectral_density(
             _matvec(graph), sum(p.numel() for p in graph.params), num_probes=num_probes,
             num_iter=num_iter, grid=grid, num_points=num_points, sigma=sigma,
-            generator=generator, dtype=_work_dtype(graph, dtype),
+            generator=_shared(generator), dtype=_work_dtype(graph, dtype),
             device=graph.params[0].device, progress=progress,
         )
