@@ -58,6 +58,7 @@ from curvlens.kronecker import kronecker_factors
 from curvlens.layers import LayerInfo, find_layers
 from curvlens.linalg.svd import gradient_svd
 from curvlens.results import LayerReport, Report
+from curvlens.spectra.weight_tails import weight_tail_stats
 
 __all__ = ["LayerReport", "Report", "analyze_layer", "analyze_model"]
 
@@ -77,6 +78,7 @@ def analyze_layer(
     V: Tensor | None = None,
     lambda_top: Tensor | Sequence[float] | None = None,
     noise_norm: float | None = None,
+    weight: Tensor | None = None,
     window: int | None = None,
     paper_compatible: bool = False,
     rank_tol: float | None = None,
@@ -95,6 +97,9 @@ def analyze_layer(
         C_A: [n, n] and C_delta: [m, m] Kronecker factors; U: [m, K], V: [n, K] singular
             vectors of the gradient. All four are needed for ``h_kron`` and the alpha budget.
         lambda_top: top eigenvalues of the Hessian block ``H_WW`` (any order).
+        weight: the layer's weight ``[m, n]`` (matrix view); gives ``weight_alpha``, the
+            heavy-tail exponent of its ESD (:func:`curvlens.spectra.weight_tail_stats`), and the
+            check of the paper's corollary ``weight_alpha < s``.
         noise_norm: ``||(G1 - G2) / 2||_2`` of two half-batch gradients; the noise floor keeps
             ``sigma_k > 2 * noise_norm``.
         window: use only the first ``window`` entries (default: all ``K``).
@@ -143,7 +148,7 @@ def analyze_layer(
         "sigma": sig.tolist(), "h": hh.tolist(), "notes": list(notes),
         "n_negative_h": int((hh <= 0).sum()),
     }
-    ex.nan(["weight_alpha"], "the weight-spectrum tail is measured by curvlens.spectra, not here")
+    _weight_tail(v, ex, weight, name)
     if v["n_negative_h"]:
         bad = torch.nonzero(hh <= 0).flatten().add(1).tolist()
         ex.warn(f"{v['n_negative_h']} of {K} directions have h_k <= 0 (k={bad}); they are "
@@ -204,7 +209,29 @@ def analyze_layer(
     _noise_floor(v, ex, noise_norm, sig, hh, keep, name)
     _rank_models(v, ex, sk)
     _alignment(v, ex, sig, hh, keep, C_A, C_delta, U, V)
+    _weight_corollary(v, ex)
     return _finish(v, ex)
+
+
+def _weight_tail(v: dict, ex: _Explain, weight: Tensor | None, name: str) -> None:
+    """``weight_alpha``: CSN tail exponent of the weight's ESD (seed 002)."""
+    if weight is None:
+        ex.nan(["weight_alpha"], "no weight passed to analyze_layer")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # recorded as the NaN reason instead
+        stats = weight_tail_stats(weight.detach(), name=name or "weight")
+    v["weight_alpha"] = stats.alpha
+    if math.isnan(stats.alpha):
+        ex.nan(["weight_alpha"], "; ".join(stats.warnings) or "weight ESD too short to fit")
+
+
+def _weight_corollary(v: dict, ex: _Explain) -> None:
+    """The main paper's corollary: the weight-tail exponent stays below s."""
+    a, s = v.get("weight_alpha", _NAN), v.get("s_rayleigh", _NAN)
+    if math.isfinite(a) and math.isfinite(s) and not a < s:
+        ex.warn(f"weight_alpha = {a:.3g} >= s = {s:.3g}: the paper's corollary "
+                "weight_alpha < s does not hold for this layer")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -311,7 +338,7 @@ def analyze_model(
             reports[name] = analyze_layer(
                 S, h, name=name, shape=(m, n), kind=info.kind.value,
                 C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
-                U=U, V=V, lambda_top=lam, noise_norm=noise.get(name),
+                U=U, V=V, lambda_top=lam, noise_norm=noise.get(name), weight=info.matrix(),
                 paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
                 notes=notes + extra,
             )

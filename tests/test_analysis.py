@@ -251,7 +251,26 @@ def test_missing_inputs_are_explained():
         assert "missing ['C_A', 'C_delta', 'U', 'V']" in rep.nan_reasons[name]
     assert "Lanczos" in rep.nan_reasons["s_lanczos"]
     assert "noise" in rep.nan_reasons["noise_floor"]
-    assert "curvlens.spectra" in rep.nan_reasons["weight_alpha"]
+    assert "no weight passed" in rep.nan_reasons["weight_alpha"]
+
+
+def test_weight_alpha_and_the_corollary_check():
+    from curvlens.spectra.weight_tails import weight_tail_stats
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.distributions.StudentT(1.0).sample((300, 200)).double()  # heavy-tailed ESD
+    k = torch.arange(1, 11, dtype=torch.float64)
+    rep = analyze_layer(k**-1.0, k**-2.0, weight=W, bootstrap=0)
+    expected = weight_tail_stats(W).alpha
+    assert math.isfinite(expected) and rep.weight_alpha == pytest.approx(expected, rel=1e-12)
+    # s = 2 here: a tail exponent >= s violates the paper's corollary and is flagged.
+    flagged = any("corollary" in w for w in rep.warnings)
+    assert flagged == (expected >= rep.s_rayleigh)
+    light = analyze_layer(k**-1.0, k**-3.0, weight=torch.randn(300, 200, generator=g,
+                                                                   dtype=torch.float64),
+                          bootstrap=0)
+    assert math.isfinite(light.weight_alpha)
+    assert any("corollary" in w for w in light.warnings) == (light.weight_alpha >= 3.0)
     assert rep.unexplained_nans() == []
     assert rep.h_kron == [] and rep.chi == []
 
