@@ -285,3 +285,67 @@ def test_analyze_bad_batches():
         lens.analyze(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
     with pytest.raises(ValueError, match="is on meta"):
         lens.analyze(torch.randn(4, 3, device="meta"), torch.randint(0, 2, (4,)))
+
+
+def test_lens_callback_drives_the_lens(tmp_path):
+    from curvlens.callbacks import LensCallback
+    from curvlens.report import load_reports
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    lens = CurvatureLens(model, loss_fn, top_k=3, every=2, lanczos_k=0,
+                         analyze_options={"bootstrap": 0})
+    printed = []
+    cb = LensCallback(lens, (x, y), analyze_every=2, print_table=True, out_dir=tmp_path,
+                      printer=printed.append)
+    with cb:
+        assert lens.active and _hook_count(model) > 0
+        for epoch in range(4):
+            for _ in range(3):
+                loss_fn(model(x), y).backward()
+                cb.on_after_backward()
+                model.zero_grad()
+            cb.on_epoch_end(epoch)
+    assert not lens.active and _hook_count(model) == 0
+    assert lens.num_steps == 12
+    assert [r.epoch for r in lens.history] == [1, 3]  # analyze_every=2
+    assert len(printed) == 2 and "curvlens report | epoch 3" in printed[-1]
+    assert [r.epoch for r in load_reports(tmp_path / "run.json")] == [1, 3]
+    with pytest.raises(TypeError, match="CurvatureLens"):
+        LensCallback(model)
+
+
+def test_lightning_callback():
+    pl = pytest.importorskip(
+        "lightning.pytorch",
+        reason="PyTorch Lightning is an optional extra (pip install curvlens[lightning])",
+    )
+    from curvlens.callbacks import LightningLensCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    cb = LightningLensCallback(nn.CrossEntropyLoss(), (x, y), top_k=3, every=2, lanczos_k=0,
+                               analyze_options={"bootstrap": 0})
+    module = Module()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert cb.lens.num_steps == 8 and len(cb.lens.history) == 2
+    assert _hook_count(module) == 0
