@@ -4,7 +4,7 @@ The public API, grouped by what it is for (data flows top to bottom). See README
 and shared/SPEC.md for the definition of every quantity.
 """
 
-from curvlens import spectra  # noqa: E402  (curvlens.spectra: the other seeds' spectral tools)
+from curvlens import spectra  # the other seeds' spectral tools, as a subpackage
 from curvlens.analysis import analyze_layer, analyze_model
 from curvlens.fit import (
     PowerLawFit,

@@ -275,6 +275,9 @@ class CurvatureLens:
         for name, record in capture.records.items():
             for x, g in record.pairs():
                 batch = int(x.shape[0]) if x.dim() > 0 else 1
+                if g.dtype in (torch.float16, torch.bfloat16):  # sums of squares overflow in half
+                    x = x.float() if x.is_floating_point() else x
+                    g = g.float()
                 self._accumulator.add_inputs(name, x)
                 try:
                     self._accumulator.add_grads(

@@ -349,3 +349,19 @@ def test_lightning_callback():
     trainer.fit(module, loader)
     assert cb.lens.num_steps == 8 and len(cb.lens.history) == 2
     assert _hook_count(module) == 0
+
+
+def test_half_precision_model_records_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(16, 6, dtype=torch.bfloat16), torch.randint(0, 3, (16,))
+    lens = CurvatureLens(model, loss_fn, top_k=3, every=1)
+    with lens:
+        loss_fn(model(x), y).backward()
+        lens.step()
+    f = lens.running_factors()["0"]
+    assert f.C_A.dtype == torch.float32
+    torch.testing.assert_close(f.C_A, x.float().T @ x.float() / 16, rtol=1e-5, atol=1e-6)
+    ref = torch.linalg.svdvals(model[0].weight.grad.float())[:3]
+    torch.testing.assert_close(lens.gradient_spectra["0"][0][1], ref, rtol=1e-5, atol=1e-7)
