@@ -72,7 +72,7 @@ def _write(printer: Callable[[str], Any] | None, progress: bool) -> Callable[[st
 
 def run_demo(
     *,
-    epochs: int = 3,
+    epochs: int = 5,
     optimizer: DemoOptimizer | str = DemoOptimizer.ADAMW,
     out: str | Path = "curvlens-out",
     seed: int = 0,

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small CNN on scikit-learn's digits with "
                           "CurvatureLens attached; print the per-layer report every epoch and "
                           "write JSON, CSV and PNG figures.")
-    demo.add_argument("--epochs", type=_positive_int, default=3)
+    demo.add_argument("--epochs", type=_positive_int, default=5)
     demo.add_argument("--optimizer", choices=["adamw", "spectral-newton"], default="adamw")
     demo.add_argument("--out", default="curvlens-out", help="output directory")
     demo.add_argument("--seed", type=int, default=0)
