@@ -59,7 +59,7 @@ from curvlens._modes import measurement_mode
 from curvlens.hooks import Capture
 from curvlens.kronecker import FactorAccumulator, FactorMode, KroneckerFactors, batch_scale
 from curvlens.layers import LayerInfo, OnUnsupported, find_layers
-from curvlens.linalg.svd import gradient_svd
+from curvlens.linalg.svd import DENSE_LIMIT, gradient_svd
 
 __all__ = ["CurvatureLens", "KroneckerSource"]
 
@@ -264,9 +264,7 @@ class CurvatureLens:
                 )
         step = self.num_steps
         for name, G in grads.items():
-            k = min(self.top_k, *G.shape)
-            _, S, _ = gradient_svd(G, k)
-            self.gradient_spectra[name].append((step, S.detach()))
+            self.gradient_spectra[name].append((step, _top_singular_values(G, self.top_k)))
         if isinstance(self._capture, Capture):
             self._accumulate(self._capture)
 
@@ -478,6 +476,20 @@ def _kronecker_options(analyze_model: Callable, source: KroneckerSource) -> dict
     elif "kronecker" in params:
         out["kronecker"] = source is not KroneckerSource.NONE
     return out
+
+
+def _top_singular_values(G: Tensor, k: int) -> Tensor:
+    """Top-``k`` singular values ``[min(k, m, n)]`` of ``G [m, n]``, descending.
+
+    Only the values are kept during training, so small matrices use ``torch.linalg.svdvals``
+    (no singular vectors: cheaper than a full SVD); large ones the truncated
+    :func:`~curvlens.linalg.svd.gradient_svd`, exactly as the analysis does.
+    """
+    k = min(k, *G.shape)
+    work = G if G.dtype in (torch.float32, torch.float64) else G.float()
+    if min(G.shape) <= DENSE_LIMIT or 4 * k >= min(G.shape):
+        return torch.linalg.svdvals(work)[:k]
+    return gradient_svd(work, k)[1]
 
 
 def _rank_slope(S: Tensor) -> float:
