@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlens._dist import all_reduce_sum, is_distributed, sum_count
+from curvlens._options import parse_option
 from curvlens.hooks import Capture, LayerRecord
 from curvlens.layers import LayerInfo, find_layers
 
@@ -330,18 +331,8 @@ def kronecker_factors(
         >>> tuple(f["0"].C_A.shape), tuple(f["0"].C_delta.shape), f["0"].num_samples
         ((3, 3), (4, 4), 8)
     """
-    try:
-        mode = FactorMode(mode)
-    except ValueError:
-        raise ValueError(
-            f"mode must be one of {[m.value for m in FactorMode]}, got {mode!r}"
-        ) from None
-    try:
-        backend = FactorBackend(backend)
-    except ValueError:
-        raise ValueError(
-            f"backend must be one of {[b.value for b in FactorBackend]}, got {backend!r}"
-        ) from None
+    mode = parse_option(FactorMode, mode, "mode")
+    backend = parse_option(FactorBackend, backend, "backend")
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples!r}")
     inputs = _as_tuple(inputs)

@@ -28,6 +28,8 @@ from enum import Enum
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlens._options import parse_option
+
 __all__ = [
     "LayerKind",
     "LayerSpec",
@@ -298,13 +300,7 @@ def find_layers(
         >>> {k: v.kind.value for k, v in find_layers(net).items()}
         {'0': 'linear', '2': 'head'}
     """
-    try:
-        policy = OnUnsupported(on_unsupported)
-    except ValueError:
-        raise ValueError(
-            f"on_unsupported must be one of {[p.value for p in OnUnsupported]}, "
-            f"got {on_unsupported!r}"
-        ) from None
+    policy = parse_option(OnUnsupported, on_unsupported, "on_unsupported")
     modules = dict(model.named_modules())
     found: dict[str, LayerInfo] = {}
     covered: set[int] = set()

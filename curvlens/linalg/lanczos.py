@@ -27,6 +27,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from curvlens._options import parse_option
+
 __all__ = ["Which", "lanczos", "lanczos_tridiagonal"]
 
 
@@ -39,12 +41,7 @@ class Which(str, Enum):
 
 
 def _parse_which(which: Which | str) -> Which:
-    try:
-        return Which(which)
-    except ValueError:
-        raise ValueError(
-            f"which must be one of {[w.value for w in Which]}, got {which!r}"
-        ) from None
+    return parse_option(Which, which, "which")
 
 
 def random_unit(

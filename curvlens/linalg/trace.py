@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from curvlens._options import parse_option
+
 __all__ = ["Probe", "TraceEstimate", "hutchinson_trace", "random_probes"]
 
 
@@ -63,12 +65,7 @@ def random_probes(
 
 
 def _parse_probe(distribution: Probe | str) -> Probe:
-    try:
-        return Probe(distribution)
-    except ValueError:
-        raise ValueError(
-            f"distribution must be one of {[p.value for p in Probe]}, got {distribution!r}"
-        ) from None
+    return parse_option(Probe, distribution, "distribution")
 
 
 def hutchinson_trace(

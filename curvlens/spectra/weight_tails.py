@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlens._options import parse_option
 from curvlens.layers import find_layers
 
 __all__ = [
@@ -85,12 +86,7 @@ class Normalization(str, Enum):
 
 
 def _normalization(value: Normalization | str) -> Normalization:
-    try:
-        return Normalization(value)
-    except ValueError:
-        raise ValueError(
-            f"normalization must be one of {[v.value for v in Normalization]}, got {value!r}"
-        ) from None
+    return parse_option(Normalization, value, "normalization")
 
 
 def _as_matrix(weight: Tensor | np.ndarray, name: str = "weight") -> Tensor:
