@@ -229,26 +229,52 @@ def test_first_step_matches_formula_with_alpha_dict():
     nn.functional.cross_entropy(ref(x), y).backward()
     for name, alpha in (("conv", 1.3), ("fc", 2.0)):
         W = getattr(ref, name).weight
-        M = (1 + 0.9) * W.grad.flatten(1)  # Nesterov on a fresh buffer: g + mu * g
+        # Muon-style Nesterov on a fresh buffer: B = (1 - mu) g, M = (1 - mu) g + mu B
+        M = (1 - 0.9) * (1 + 0.9) * W.grad.flatten(1)
         expect = W.flatten(1) * (1 - 0.3 * 0.1) - 0.3 * _svd_formula(M, alpha, 0.02)
         torch.testing.assert_close(getattr(net, name).weight.flatten(1), expect, **TOL)
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.5])
-def test_huge_damping_is_sgd_with_momentum(alpha):
+def test_huge_damping_is_sgd_with_nesterov_momentum(alpha):
+    """T(sigma) = sigma / d (1 + O(sigma^alpha / d)) and B = (1 - mu) b (b: torch SGD's buffer),
+    so the step is -(lr / d) (1 - mu)(g + mu b): SGD-Nesterov at lr (1 - mu) / d."""
     torch.manual_seed(0)
     net = _Net()
     ref = copy.deepcopy(net)
-    d, lr = 1e9, 1e7  # T(sigma) = sigma / d (1 + O(sigma^alpha / d))
+    d, lr, mu = 1e12, 1e10, 0.9
     mats = [net.conv.weight, net.fc.weight]
     opt = SpectralNewton([{"params": mats, "use_spectral": True}], lr=lr, alpha=alpha,
-                         damping=d, momentum=0.9, nesterov=True)
-    sgd = torch.optim.SGD([ref.conv.weight, ref.fc.weight], lr=lr / d, momentum=0.9,
+                         damping=d, momentum=mu, nesterov=True)
+    sgd = torch.optim.SGD([ref.conv.weight, ref.fc.weight], lr=lr * (1 - mu) / d, momentum=mu,
                           nesterov=True)
     _train(net, opt, 5)
     _train(ref, sgd, 5)
     for a, b in zip(mats, [ref.conv.weight, ref.fc.weight]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for p, q in zip(mats, [ref.conv.weight, ref.fc.weight]):  # the buffers: B = (1 - mu) b
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"],
+                                   (1 - mu) * sgd.state[q]["momentum_buffer"], rtol=1e-12,
+                                   atol=1e-15)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_buffer_follows_torch_muon(nesterov):
+    """Same gradients in: the buffer equals torch.optim.Muon's bit for bit (its convention)."""
+    g = torch.Generator().manual_seed(5)
+    shape = (6, 9)
+    p_sn = torch.zeros(shape, dtype=torch.float64)
+    p_muon = nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    buf = torch.zeros(shape, dtype=torch.float64)
+    muon = torch.optim.Muon([p_muon], lr=0.0, momentum=0.95, nesterov=nesterov, weight_decay=0.0)
+    for _ in range(4):
+        grad = torch.randn(shape, generator=g, dtype=torch.float64)
+        spectral_newton([p_sn], [grad], [buf], [1.0], lr=0.0, damping=0.1,
+                        damping_mode="absolute", momentum=0.95, nesterov=nesterov,
+                        weight_decay=0.0, rms_target=None)
+        p_muon.grad = grad.clone()
+        muon.step()
+        assert torch.equal(buf, muon.state[p_muon]["momentum_buffer"])
 
 
 def test_adamw_part_equals_torch_adamw():
@@ -386,7 +412,7 @@ def test_bf16_model_trains():
                         nn.Linear(32, 4)).to(torch.bfloat16)
     x = torch.randn(64, 8).to(torch.bfloat16)
     y = torch.randint(0, 4, (64,))
-    opt = SpectralNewton(net, lr=0.05, adamw_lr=1e-2)
+    opt = SpectralNewton(net, lr=0.2, adamw_lr=1e-2)
     losses = []
     for _ in range(40):
         opt.zero_grad()

@@ -268,10 +268,15 @@ def spectral_newton(
 
     For each parameter ``W`` (viewed as ``W.flatten(1)``, ``[m, n]``) with gradient ``G``::
 
-        B <- momentum * B + G                      (SGD-style buffer, as torch.optim.SGD)
-        M  = G + momentum * B  if nesterov else B
+        B <- momentum * B + (1 - momentum) * G     (an EMA: buf.lerp_(G, 1 - momentum))
+        M  = (1 - momentum) * G + momentum * B  if nesterov else B   (G.lerp(B, momentum))
         W <- W * (1 - lr * weight_decay)           (decoupled)
         W <- W - lr * U diag(T(sigma; alpha)) V^T  for M = U diag(sigma) V^T
+
+    The buffer follows Muon's convention (KellerJordan/Muon, ``torch.optim.Muon``), on which the
+    main paper builds, so that ``M`` has the gradient's scale and the paper's damping values
+    (``d = 0.1, 0.01``) mean what they mean there. An SGD-style sum ``b`` (``torch.optim.SGD``)
+    is ``b = B / (1 - momentum)``, ``~1/(1 - momentum)`` times larger.
 
     Args:
         params, grads, momentum_buffers: same-length lists; buffers ``float32`` for half params.
@@ -287,8 +292,8 @@ def spectral_newton(
     for g, buf in zip(grads, momentum_buffers):
         g = g.to(buf.dtype).flatten(1)
         b = buf.view_as(g)
-        b.mul_(momentum).add_(g)
-        Ms.append(g.add(b, alpha=momentum) if nesterov else b)
+        b.lerp_(g, 1 - momentum)
+        Ms.append(g.lerp(b, momentum) if nesterov else b)
 
     if batched:
         buckets: dict[tuple, list[int]] = {}

@@ -94,28 +94,30 @@ class SpectralNewton(torch.optim.Optimizer):
 
     For each matrix parameter ``W`` (conv: ``W.flatten(1)``, ``[m, n]``) with gradient ``G``::
 
-        B <- momentum * B + G;   M = G + momentum * B (nesterov) or B
+        B <- momentum * B + (1 - momentum) * G;   M = (1 - momentum) * G + momentum * B
+                                                      (nesterov) or M = B
         W <- (1 - lr * weight_decay) W - lr * U diag(sigma / (sigma^alpha + d)) V^T,  M = U S V^T
 
     computed without an SVD: ``alpha == 2`` by a Cholesky solve with the smaller Gram matrix,
     any other ``alpha`` by ``eigh`` of it (float32 for half-precision parameters, same-shape
-    parameters batched). ``alpha = 1, d -> 0`` is Muon's ``U V^T``; a huge ``d`` is SGD with
-    Nesterov momentum at learning rate ``lr / d``. All other parameters get AdamW (``adamw_*``).
+    parameters batched). All other parameters get AdamW (``adamw_*``).
+
+    Momentum follows Muon (KellerJordan/Muon and ``torch.optim.Muon``: ``buf.lerp_(G, 1 - mu)``,
+    Nesterov ``G.lerp(buf, mu)``), the optimizer the paper builds on: ``M`` is an average of
+    gradients, with the gradient's scale, so the damping ``d`` is compared with ``sigma^alpha``
+    of gradient-sized singular values, as in the paper. Reductions (tested): ``alpha = 1,
+    d -> 0`` is Muon's ``U V^T``; a huge ``d`` gives ``T(sigma) -> sigma / d``, i.e.
+    ``Delta W = -(lr / d) M``, and since ``M = (1 - mu) (G + mu b)`` with torch.optim.SGD's
+    buffer ``b <- mu b + G`` (by induction ``B = (1 - mu) b``), this is SGD with Nesterov
+    momentum at learning rate ``lr * (1 - momentum) / d``.
 
     Design: the AdamW part is implemented inside this optimizer (param groups with
     ``use_spectral=False``) rather than wrapping a ``torch.optim.AdamW``, so that one
     ``state_dict`` holds everything, LR schedulers see every group, and resuming is exact. Its
     arithmetic is the same as ``torch.optim.AdamW``'s (tested).
 
-    Defaults (``alpha=2, damping=0.1`` absolute, ``lr=0.01``), from ``benchmarks/bench_optim.py``
-    (digits CNN, 30 epochs, batch 64, lr tuned on a validation split, 3 seeds). Note the momentum
-    buffer is SGD-style (a sum, ``~1/(1 - momentum) = 20x`` the gradient), so its singular values
-    are ~20x an EMA buffer's and a given ``d`` damps ~400x less at ``alpha = 2``. With this
-    buffer, ``alpha = 2``: ``d = 0.1`` gave test accuracy 0.984 [0.982, 0.985] and test loss
-    0.059, ``d = 0.01`` 0.982 [0.974, 0.989] with loss 0.24 (unstable across seeds), relative
-    ``0.01`` 0.982 with loss 1.7; AdamW 0.984, Muon 0.977. The best digits settings were
-    ``alpha = 1.5`` relative ``0.01`` (0.989) and ``alpha = 1, d = 0.01`` (0.986), but they need
-    a per-model lr; ``d = 0.1`` was the most robust choice for ``alpha = 2``.
+    Defaults (``alpha=2, damping=0.1`` absolute, ``lr=0.01``) were chosen with an SGD-style
+    buffer and are being re-chosen from ``benchmarks/bench_optim.py`` for the Muon-style one.
 
     Args:
         params_or_model: an ``nn.Module`` (parameters routed by :func:`split_parameters`), or an
@@ -131,7 +133,7 @@ class SpectralNewton(torch.optim.Optimizer):
             and a NaN later keeps the last finite value.
         damping: ``d`` (absolute) or ``delta`` (relative: ``d = delta * sigma_1^alpha`` per layer).
         damping_mode: ``"absolute"`` or ``"relative"``.
-        momentum: momentum factor of the SGD-style buffer.
+        momentum: momentum factor ``mu`` of the (Muon-style, averaging) buffer.
         nesterov: Nesterov momentum.
         weight_decay: decoupled weight decay of the spectral parameters (``W *= 1 - lr * wd``).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part.
