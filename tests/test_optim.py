@@ -507,3 +507,97 @@ def test_benchmark_quick_smoke(tmp_path):
     assert {"adamw", "muon", "sn a=2.0 d=0.01", "sn a=auto d=0.01"} <= set(summary)
     assert all(0.0 <= a <= 1.0 for row in summary.values() for a in row["test_acc"])
     assert (tmp_path / "bench_optim_digits.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def test_assign_owners_round_robin_by_size():
+    from curvlens.optim._distributed import assign_owners
+
+    assert assign_owners([10, 40, 20, 30, 5], world=2) == [1, 0, 0, 1, 0]
+    assert assign_owners([8, 8, 8, 8], world=3) == [0, 1, 2, 0]
+    assert assign_owners([3, 9], world=1) == [0, 0]
+
+
+class _DistNet(nn.Module):
+    """Conv plus three same-shape hidden Linears (a batched bucket split over ranks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc0 = nn.Linear(48, 8)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.double()
+
+    def forward(self, x):
+        x = torch.tanh(self.fc0(torch.tanh(self.conv(x)).flatten(1)))
+        for fc in (self.fc1, self.fc2, self.fc3):
+            x = torch.tanh(fc(x))
+        return self.head(x)
+
+
+_DIST_STEPS = 3
+_DIST_KW = dict(lr=0.05, alpha={"fc1": 1.5, "fc3": 1.5}, damping=0.01, damping_mode="relative",
+                weight_decay=0.01, momentum=0.9)
+
+
+def _dist_run(shard=slice(None), reduce=lambda g: g):
+    torch.manual_seed(0)
+    net = _DistNet()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    opt = SpectralNewton(net, **_DIST_KW)
+    for _ in range(_DIST_STEPS):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[shard]), y[shard]).backward()
+        for p in net.parameters():
+            reduce(p.grad)  # what DDP does: the mean gradient over ranks
+        opt.step()
+    return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from curvlens import _dist
+    from curvlens.optim import _functional
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        computed = []
+        kernel = _functional.spectral_update
+
+        def counting(M, **kw):
+            computed.append(M.shape[0])
+            return kernel(M, **kw)
+
+        _functional.spectral_update = counting
+        n = 16 // world
+        params = _dist_run(slice(rank * n, (rank + 1) * n), _dist.all_reduce_mean)
+        torch.save({"params": params, "computed": sum(computed)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_updates_equal_single_process(tmp_path):
+    """2 gloo ranks, each computing the updates of its own layers: same parameters as 1 rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    single = _dist_run()
+    n_spectral = 5  # conv, fc0..fc3 (head and biases go to AdamW)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # the matrix work was split, not repeated: each rank computed a part, together all of it
+    assert [g["computed"] for g in got] == [3 * _DIST_STEPS, 2 * _DIST_STEPS]
+    assert sum(g["computed"] for g in got) == n_spectral * _DIST_STEPS
+    for g in got:
+        for name, value in single.items():
+            torch.testing.assert_close(g["params"][name], value, rtol=1e-9, atol=1e-12, msg=name)

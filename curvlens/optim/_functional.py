@@ -38,6 +38,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from curvlens.optim._distributed import broadcast_updates
+
 __all__ = [
     "DampingMode",
     "spectral_transform",
@@ -263,6 +265,9 @@ def spectral_newton(
     weight_decay: float,
     rms_target: float | None,
     batched: bool = True,
+    owners: Sequence[int] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> None:
     r"""One Spectral Newton step, in place, on matrix parameters (any ``ndim >= 2``).
 
@@ -286,6 +291,12 @@ def spectral_newton(
         rms_target: rescale each update to this RMS (:func:`scale_to_rms`), or ``None``.
         batched: stack parameters with equal matrix shape, dtype and alpha into one kernel call;
             ``False`` is the single-tensor reference path.
+        owners: under ``torch.distributed``, the rank that computes each parameter's update
+            (:func:`curvlens.optim._distributed.assign_owners`); the updates are then broadcast
+            from their owners (:func:`~curvlens.optim._distributed.broadcast_updates`). The
+            gradients must already be identical on every rank (all-reduced, as DDP does).
+            ``None``: compute everything here.
+        rank, world: this process's rank and the number of ranks (with ``owners``).
     """
     mode = _damping_mode(damping_mode)
     Ms: list[Tensor] = []
@@ -295,24 +306,31 @@ def spectral_newton(
         b.lerp_(g, 1 - momentum)
         Ms.append(g.lerp(b, momentum) if nesterov else b)
 
+    mine = [i for i in range(len(Ms)) if owners is None or owners[i] == rank]
     if batched:
         buckets: dict[tuple, list[int]] = {}
-        for i, (M, a) in enumerate(zip(Ms, alphas)):
-            buckets.setdefault((tuple(M.shape), M.dtype, M.device, float(a)), []).append(i)
+        for i in mine:
+            M = Ms[i]
+            buckets.setdefault((tuple(M.shape), M.dtype, M.device, float(alphas[i])), []).append(i)
         chunks = [(idx, torch.stack([Ms[i] for i in idx])) for idx in buckets.values()]
     else:
-        chunks = [([i], M.unsqueeze(0)) for i, M in enumerate(Ms)]
+        chunks = [([i], Ms[i].unsqueeze(0)) for i in mine]
 
+    upds: list[Tensor | None] = [None] * len(Ms)
     for idx, stack in chunks:  # stack: [B, m, n]
         upd = spectral_update(stack, alpha=float(alphas[idx[0]]), damping=damping,
                               damping_mode=mode)
         if rms_target is not None:
             upd = scale_to_rms(upd, target=rms_target)
         for j, i in enumerate(idx):
-            p = params[i]
-            if weight_decay != 0:
-                p.mul_(1 - lr * weight_decay)
-            p.add_(upd[j].view_as(p).to(p.dtype), alpha=-lr)
+            upds[i] = upd[j]
+    if owners is not None and world > 1:
+        upds = broadcast_updates(upds, owners, [M.shape for M in Ms], [M.dtype for M in Ms],
+                                 rank=rank, world=world, device=Ms[0].device)
+    for p, u in zip(params, upds):
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        p.add_(u.view_as(p).to(p.dtype), alpha=-lr)
 
 
 def adamw(

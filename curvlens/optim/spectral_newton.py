@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens import _dist
 from curvlens.layers import LayerKind, find_layers
+from curvlens.optim._distributed import assign_owners
 from curvlens.optim._functional import DampingMode, _damping_mode, adamw, spectral_newton
 
 __all__ = ["SpectralNewton", "split_parameters", "DEFAULT_ALPHA"]
@@ -148,6 +150,12 @@ class SpectralNewton(torch.optim.Optimizer):
         extra_adamw: with a model, more layer/parameter names to send to AdamW.
         check_finite: raise on NaN/Inf gradients, naming the parameter (one host sync per step;
             turn off for speed once a run is known to be healthy).
+        distributed: when a ``torch.distributed`` process group with more than one process is
+            initialized, give each spectral parameter an owner rank (round-robin by size,
+            :func:`~curvlens.optim._distributed.assign_owners`), compute its update only
+            there and broadcast it (shared/SPEC.md section 5). Gradients must already be
+            all-reduced (DDP does this), so every rank keeps identical parameters and state.
+            ``False``: every rank computes every update.
 
     Example:
         >>> import torch
@@ -186,6 +194,7 @@ class SpectralNewton(torch.optim.Optimizer):
         head_to_adamw: bool = True,
         extra_adamw: Iterable[str] = (),
         check_finite: bool = True,
+        distributed: bool = True,
     ) -> None:
         for key, value in (("lr", lr), ("damping", damping), ("momentum", momentum),
                            ("weight_decay", weight_decay), ("adamw_lr", adamw_lr),
@@ -221,6 +230,7 @@ class SpectralNewton(torch.optim.Optimizer):
             momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, rms_target=rms_target,
             betas=tuple(adamw_betas), eps=adamw_eps, alpha_range=(float(lo), float(hi)),
             auto_every=auto_every, check_finite=check_finite, use_spectral=True,
+            distributed=bool(distributed),
         )
         if isinstance(params_or_model, nn.Module):
             spectral, other = split_parameters(
@@ -324,6 +334,7 @@ class SpectralNewton(torch.optim.Optimizer):
             group.setdefault("alpha_range", (0.5, 3.0))
             group.setdefault("auto_every", 50)
             group.setdefault("check_finite", True)
+            group.setdefault("distributed", True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``, but float32 buffers of half-precision parameters
@@ -422,11 +433,17 @@ class SpectralNewton(torch.optim.Optimizer):
                 alphas = [self._alpha(group, i, st, measured) for i, st in zip(idx, states)]
                 for st in states:
                     st["step"] += 1
+                owners, rank, world = None, 0, 1
+                if group["distributed"] and _dist.is_distributed():
+                    world = _dist.world_size()
+                    rank = torch.distributed.get_rank()
+                    owners = assign_owners([p.numel() for p in params], world)
                 spectral_newton(
                     params, grads, [st["momentum_buffer"] for st in states], alphas,
                     lr=group["lr"], damping=group["damping"], damping_mode=group["damping_mode"],
                     momentum=group["momentum"], nesterov=group["nesterov"],
                     weight_decay=group["weight_decay"], rms_target=group["rms_target"],
+                    owners=owners, rank=rank, world=world,
                 )
             else:
                 beta1, beta2 = group["betas"]
