@@ -198,14 +198,29 @@ class FactorAccumulator:
             self._rows_in[name] = sum_count(self._rows_in[name], ref.device)
             self.num_samples[name] = sum_count(self.num_samples[name], ref.device)
 
-    def factors(self) -> dict[str, KroneckerFactors]:
-        """The averaged factors of every layer that saw at least one sample.
+    def copy(self) -> FactorAccumulator:
+        """An independent copy of the running sums (e.g. to all-reduce without touching them)."""
+        twin = FactorAccumulator(self.layers)
+        twin._in = {k: v.clone() for k, v in self._in.items()}
+        twin._grad = {k: v.clone() for k, v in self._grad.items()}
+        twin._rows_in = dict(self._rows_in)
+        twin.num_samples = dict(self.num_samples)
+        return twin
+
+    def factors(self, *, skip_empty: bool = False) -> dict[str, KroneckerFactors]:
+        """The averaged factors of every layer.
+
+        Args:
+            skip_empty: leave out layers that saw no sample instead of raising.
 
         Raises:
-            ValueError: a layer saw no input rows or no samples (empty batch).
+            ValueError: a layer saw no input rows or no samples (empty batch), unless
+                ``skip_empty``.
         """
         out: dict[str, KroneckerFactors] = {}
         for name, info in self.layers.items():
+            if skip_empty and (self._rows_in[name] == 0 or self.num_samples[name] == 0):
+                continue
             if self._rows_in[name] == 0 or self.num_samples[name] == 0:
                 raise ValueError(
                     f"layer {name!r} saw no samples: empty batch, or the layer is not used in "

@@ -290,21 +290,16 @@ class CurvatureLens:
     def running_factors(self) -> dict[str, KroneckerFactors]:
         """Kronecker factors averaged over the recorded training steps since the last reset.
 
-        Layers that saw no captured backward are left out.
+        Layers that saw no captured backward are left out. Under ``torch.distributed`` the
+        statistics are summed over all processes first (every process must call this), so the
+        factors are those of the union of the processes' batches.
 
         Returns:
             ``{layer: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``.
         """
-        acc = self._accumulator
-        seen = {n: info for n, info in self.layers.items()
-                if acc.num_samples[n] > 0 and acc._rows_in[n] > 0}
-        if not seen:
-            return {}
-        sub = FactorAccumulator(seen)
-        for n in seen:
-            sub._in[n], sub._grad[n] = acc._in[n], acc._grad[n]
-            sub._rows_in[n], sub.num_samples[n] = acc._rows_in[n], acc.num_samples[n]
-        return sub.factors()
+        acc = self._accumulator.copy()
+        acc.all_reduce()
+        return acc.factors(skip_empty=True)
 
     def reset_running(self) -> None:
         """Forget the running Kronecker factors (the gradient spectra history stays)."""
