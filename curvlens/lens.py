@@ -56,6 +56,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._modes import measurement_mode
+from curvlens._options import parse_option
+from curvlens.fit import ols_slope
 from curvlens.hooks import Capture
 from curvlens.kronecker import FactorAccumulator, FactorMode, KroneckerFactors, batch_scale
 from curvlens.layers import LayerInfo, OnUnsupported, find_layers
@@ -76,15 +78,6 @@ class KroneckerSource(str, Enum):
     HOOKS = "hooks"
     BACKPACK = "backpack"
     NONE = "none"
-
-
-def _enum(cls: type[Enum], value: Any, what: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        raise ValueError(
-            f"{what} must be one of {[v.value for v in cls]}, got {value!r}"
-        ) from None
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -150,9 +143,9 @@ class CurvatureLens:
         self.loss_fn = loss_fn
         self.top_k = _positive_int(top_k, "top_k")
         self.every = _positive_int(every, "every")
-        self.kronecker = _enum(KroneckerSource, kronecker, "kronecker")
-        self.mode = _enum(FactorMode, mode, "mode")
-        self.on_unsupported = _enum(OnUnsupported, on_unsupported, "on_unsupported")
+        self.kronecker = parse_option(KroneckerSource, kronecker, "kronecker")
+        self.mode = parse_option(FactorMode, mode, "mode")
+        self.on_unsupported = parse_option(OnUnsupported, on_unsupported, "on_unsupported")
         if lanczos_k is not None and (isinstance(lanczos_k, bool) or not isinstance(lanczos_k, int)
                                       or lanczos_k < 0):
             raise ValueError(f"lanczos_k must be None or an int >= 0, got {lanczos_k!r}")
@@ -372,7 +365,8 @@ class CurvatureLens:
         }
         if self.lanczos_k is not None:
             options["lanczos_k"] = self.lanczos_k
-        options.update(_kronecker_options(analyze_model, self.kronecker))
+        options["kronecker_backend"] = (None if self.kronecker is KroneckerSource.NONE
+                                        else self.kronecker.value)
         options.update(self.analyze_options)
         params = [p for p in self.model.parameters()]
         saved = [p.grad for p in params]
@@ -457,22 +451,6 @@ class _NoCapture:
         pass
 
 
-def _kronecker_options(analyze_model: Callable, source: KroneckerSource) -> dict[str, Any]:
-    """Map the lens's Kronecker source onto the keywords ``analyze_model`` accepts."""
-    import inspect
-
-    params = inspect.signature(analyze_model).parameters
-    out: dict[str, Any] = {}
-    if "kronecker_backend" in params:
-        if source is KroneckerSource.NONE:
-            out["kronecker_backend"] = None
-        else:
-            out["kronecker_backend"] = source.value
-    elif "kronecker" in params:
-        out["kronecker"] = source is not KroneckerSource.NONE
-    return out
-
-
 def _top_singular_values(G: Tensor, k: int) -> Tensor:
     """Top-``k`` singular values ``[min(k, m, n)]`` of ``G [m, n]``, descending.
 
@@ -488,11 +466,9 @@ def _top_singular_values(G: Tensor, k: int) -> Tensor:
 
 
 def _rank_slope(S: Tensor) -> float:
+    """``gamma`` of one recorded spectrum: minus the OLS slope of log sigma_k on log k."""
     s = S.detach().to(torch.float64).cpu()
     s = s[s > 0]
     if s.numel() < 3:
         return math.nan
-    x = torch.log(torch.arange(1, s.numel() + 1, dtype=torch.float64))
-    y = torch.log(s)
-    x = x - x.mean()
-    return float(-(x * (y - y.mean())).sum() / (x * x).sum())
+    return -ols_slope(torch.arange(1, s.numel() + 1, dtype=torch.float64).log(), s.log())
