@@ -6,6 +6,7 @@ and shared/SPEC.md for the definition of every quantity.
 
 from curvlens import spectra  # the other seeds' spectral tools, as a subpackage
 from curvlens.analysis import analyze_layer, analyze_model
+from curvlens.callbacks import LensCallback
 from curvlens.fit import (
     PowerLawFit,
     compare_rank_models,
@@ -31,7 +32,7 @@ from curvlens.layers import (
     register_layer,
     weight_matrix,
 )
-from curvlens.lens import CurvatureLens
+from curvlens.lens import CurvatureLens, KroneckerSource
 from curvlens.linalg.lanczos import lanczos
 from curvlens.linalg.slq import spectral_density
 from curvlens.linalg.svd import gradient_svd
@@ -81,6 +82,8 @@ __all__ = [
     "analyze_model",
     # training-loop integration
     "CurvatureLens",
+    "KroneckerSource",
+    "LensCallback",
     # optimizer
     "SpectralNewton",
     "split_parameters",
