@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from curvlens.optim._functional import (
+    adamw,
     scale_to_rms,
     spectral_newton,
     spectral_transform,
@@ -138,6 +139,27 @@ def test_batched_path_equals_single_tensor_path():
         outs.append(ps)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_adamw_multi_tensor_equals_single_tensor_loop():
+    g = torch.Generator().manual_seed(6)
+    shapes_dtypes = [((4, 3), torch.float64), ((5,), torch.float64), ((3, 2), torch.bfloat16)]
+    outs = []
+    for foreach in (True, False):
+        params = [torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dt)
+                  for i, (s, dt) in enumerate(shapes_dtypes)]
+        state_dt = [torch.float64, torch.float64, torch.float32]
+        m = [torch.zeros(p.shape, dtype=dt) for p, dt in zip(params, state_dt)]
+        v = [torch.zeros(p.shape, dtype=dt) for p, dt in zip(params, state_dt)]
+        steps = [torch.tensor(0.0) for _ in params]
+        g.manual_seed(6)
+        for _ in range(3):
+            grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+            adamw(params, grads, m, v, steps, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
+                  weight_decay=0.1, maximize=True, foreach=foreach)
+        outs.append(params + m + v + steps)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------- optimizer
