@@ -23,7 +23,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _eig(m: torch.Tensor) -> np.ndarray:
-    return torch.linalg.eigvalsh(m).numpy()
+    return np.linalg.eigvalsh(m.numpy())
 
 
 def test_wasserstein_1_matches_sorted_difference():
@@ -92,7 +92,7 @@ def test_activation_covariance_hidden_layer_decompression():
         net[0].weight.copy_(torch.randn(n, d, generator=_gen(0), dtype=F64) / d**0.5)
     x = torch.randn(2400, d, generator=_gen(1), dtype=F64)
     out = decompress_activation_covariance(net, "1", x, subsample=150, generator=_gen(1),
-                                           deg_z=1, deg_m=3)
+                                           deg_z=1, deg_m=3, grid=1000)
     assert out.spectrum.mass == pytest.approx(1.0, abs=0.02)
     assert out.wasserstein() <= 0.15 * out.baseline_wasserstein()
 
@@ -140,11 +140,13 @@ def test_hessian_block_wide_linear_decompression_beats_subsample():
     net = nn.Sequential(nn.Linear(n, 1)).to(F64)
     x = torch.randn(b, n, generator=_gen(0), dtype=F64)
     y = torch.randn(b, 1, generator=_gen(1), dtype=F64)
-    out = decompress_hessian_block(net, nn.MSELoss(), x, y, "0", rows=150, exact_max=600,
-                                   max_batch=150, generator=_gen(1), deg_z=1, deg_m=2)
-    np.testing.assert_allclose(out.exact_eigenvalues, _eig(2 * x.T @ x / b), rtol=0, atol=1e-12)
+    out = decompress_hessian_block(net, nn.MSELoss(), x, y, "0", rows=150, max_batch=150,
+                                   generator=_gen(1), deg_z=1, deg_m=2, grid=1000)
+    exact = _eig(2 * x.T @ x / b)  # the dense block in closed form (HVP path checked above)
+    assert out.exact_eigenvalues is None
     assert out.spectrum.mass == pytest.approx(1.0, abs=0.01)
-    assert out.wasserstein() <= 0.05 * out.baseline_wasserstein()
+    assert wasserstein_1(out.eigenvalues(), exact) <= 0.05 * wasserstein_1(out.sub_eigenvalues,
+                                                                           exact)
 
 
 def test_bad_input():

@@ -133,8 +133,9 @@ def _indices(n: int, k: int, generator: torch.Generator | None) -> Tensor:
 
 
 def _eigvalsh(matrix: Tensor) -> np.ndarray:
-    sym = matrix.to("cpu", torch.float64)
-    return torch.linalg.eigvalsh(0.5 * (sym + sym.T)).numpy()
+    """Ascending eigenvalues of the symmetrized matrix, float64 on the CPU (LAPACK via numpy)."""
+    sym = matrix.detach().to("cpu", torch.float64).numpy()
+    return np.linalg.eigvalsh(0.5 * (sym + sym.T))
 
 
 def _input_rows(model: nn.Module, info: LayerInfo, inputs: Tensor | Iterable[Any]) -> Tensor:
