@@ -613,8 +613,10 @@ def test_distributed_updates_equal_single_process(tmp_path):
     """2 gloo ranks, each computing the updates of its own layers: same parameters as 1 rank."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    single = _dist_run()
+    single = _dist_run()  # first: it imports what torch.optim loads lazily (torch._dynamo)
+    # fork: the workers inherit the imported modules (spawn would re-import torch, ~5 s each)
+    mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
     n_spectral = 5  # conv, fc0..fc3 (head and biases go to AdamW)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # the matrix work was split, not repeated: each rank computed a part, together all of it
