@@ -2,8 +2,15 @@
 ridge asymptotics (SPEC section 7). Each is a small exact function on a weight, a covariance or a
 spectrum; see the module docstrings for the papers and conventions."""
 
+from curvlens.spectra.decompress_model import (
+    LayerDecompression,
+    decompress_activation_covariance,
+    decompress_hessian_block,
+    wasserstein_1,
+)
 from curvlens.spectra.free_decompression import (
     DecompressedSpectrum,
+    FitSize,
     SpectralCurve,
     decompress_characteristics,
     fit_spectral_curve,
@@ -72,6 +79,11 @@ __all__ = [
     "select_curve_degrees",
     "free_decompress",
     "submatrix_eigenvalues",
+    "FitSize",
+    "LayerDecompression",
+    "decompress_activation_covariance",
+    "decompress_hessian_block",
+    "wasserstein_1",
     # ridge asymptotics (seed 004)
     "RidgeCurve",
     "ridge_kappa",
