@@ -525,7 +525,7 @@ def test_benchmark_quick_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epochs to AdamW loss" in proc.stdout
-    summary = json.loads((tmp_path / "bench_optim_digits.json").read_text())
+    summary = json.loads((tmp_path / "bench_optim_digits.json").read_text())["digits"]
     assert {"adamw", "muon", "sn a=2.0 d=0.01", "sn a=auto d=0.01"} <= set(summary)
     assert all(0.0 <= a <= 1.0 for row in summary.values() for a in row["test_acc"])
     assert (tmp_path / "bench_optim_digits.png").stat().st_size > 0
