@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="curvlens-out", help="output directory")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--lr", type=float, default=None,
-                      help="learning rate (default 3e-3 AdamW, 0.3 Spectral Newton)")
+                      help="learning rate (default 3e-3 AdamW, 0.03 Spectral Newton)")
     demo.add_argument("--batch-size", type=_positive_int, default=64)
     demo.add_argument("--fixed-batch", type=_positive_int, default=256,
                       help="training images in the analysis batch")

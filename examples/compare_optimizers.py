@@ -26,9 +26,9 @@ def run(name: str, epochs: int, seed: int, data) -> list[float]:
     if name == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     elif name == "sn-alpha2":
-        opt = SpectralNewton(model, lr=0.3, alpha=2.0, adamw_lr=3e-3)
+        opt = SpectralNewton(model, lr=0.03, alpha=2.0, adamw_lr=3e-3)
     else:
-        opt = SpectralNewton(model, lr=0.3, alpha="auto", lens=lens, adamw_lr=3e-3,
+        opt = SpectralNewton(model, lr=0.03, alpha="auto", lens=lens, adamw_lr=3e-3,
                              auto_every=1)
     g = torch.Generator().manual_seed(seed + 1)
     x_fixed, y_fixed = data.x_train[:256], data.y_train[:256]
