@@ -13,7 +13,11 @@ Scaling convention (the one place conventions differ between libraries)::
     C_A     = (1/N_a) sum_{i,t} a_{i,t} a_{i,t}^T      N_a = number of input-side rows (B*T*groups)
     C_delta = (1/B)   sum_{i,t} delta_{i,t} delta_{i,t}^T    (the sum over the T locations stays)
 
-so ``C_delta`` carries the factor ``T``. For a Linear layer on ``[B, in]`` inputs (T = 1) this is
+so ``C_delta`` carries the factor ``T``. For a grouped convolution (``groups = g``) the matrix
+view is ``[out, in/g * prod(kernel)]`` and each group's patches are extra input-side rows, so
+``C_A`` averages the per-group patch covariances (the block Hessian of a grouped conv is not one
+Kronecker product; ``h_kron`` is then a model, and ``chi`` measures its error).
+For a Linear layer on ``[B, in]`` inputs (T = 1) this is
 the usual K-FAC pair, and for a model that is one Linear layer under the ``"ggn"`` mode the block
 Hessian is exactly ``H_WW = kron(C_delta, C_A)`` (row-major ``vec(W)``). Exponent fits (slopes in
 log-log) do not depend on the convention; the level of
