@@ -24,7 +24,7 @@ demo: $(VENV)/.stamp-examples
 	$(PY) -m curvlens demo --out $(OUT)
 
 test: $(VENV)/.stamp-test+examples
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q tests --doctest-modules curvlens
 
 test-slow: $(VENV)/.stamp-test+examples+reference
 	$(PY) -m pytest -m slow -q

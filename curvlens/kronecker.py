@@ -344,7 +344,7 @@ def kronecker_factors(
         RuntimeError: NaN/Inf in the loss or in a layer's output gradient (names the layer).
 
     Example:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> f = kronecker_factors(net, nn.MSELoss(), torch.randn(8, 3), torch.randn(8, 2))
         >>> tuple(f["0"].C_A.shape), tuple(f["0"].C_delta.shape), f["0"].num_samples
