@@ -67,7 +67,7 @@ from curvlens.optim import DampingMode, SpectralNewton, split_parameters  # noqa
 
 COMPANION_LR = {"digits": 3e-3, "chars": 3e-3}
 LR_GRID = {
-    "digits": {"adamw": [1e-3, 3e-3, 1e-2, 3e-2], "muon": [0.01, 0.03, 0.1, 0.3]},
+    "digits": {"adamw": [1e-3, 3e-3, 1e-2, 3e-2], "muon": [1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3]},
     "chars": {"adamw": [3e-3, 1e-2, 3e-2], "muon": [3e-3, 0.01, 0.03, 0.1]},
 }
 # SpectralNewton's lr scale depends on the damping and on the gradients' scale: T(sigma) ~
@@ -77,7 +77,7 @@ LR_GRID = {
 # a pilot scan and widened where a full run found the best lr at an edge.
 SN_LR_GRID = {
     ("digits", "absolute", 0.1): [0.03, 0.1, 0.3, 1.0],
-    ("digits", "absolute", 0.01): [0.001, 0.003, 0.01, 0.03],
+    ("digits", "absolute", 0.01): [0.001, 0.003, 0.01, 0.03, 0.1],
     ("digits", "relative", 0.01): [1e-4, 3e-4, 1e-3, 3e-3],
     ("digits", "relative", 0.01, 1.0): [0.003, 0.01, 0.03, 0.1],  # ~ U V^T: Muon's lr scale
     ("digits", "relative", 0.01, 1.5): [1e-3, 3e-3, 0.01, 0.03],
