@@ -57,11 +57,11 @@ from torch import Tensor, nn
 
 from curvlens._modes import measurement_mode
 from curvlens._options import parse_option
+from curvlens._recorder import NoCapture, StepRecorder
 from curvlens.fit import ols_slope
 from curvlens.hooks import Capture
-from curvlens.kronecker import FactorAccumulator, FactorMode, KroneckerFactors, batch_scale
+from curvlens.kronecker import FactorMode, KroneckerFactors
 from curvlens.layers import LayerInfo, OnUnsupported, find_layers
-from curvlens.linalg.svd import DENSE_LIMIT, gradient_svd
 
 __all__ = ["CurvatureLens", "KroneckerSource"]
 
@@ -163,12 +163,11 @@ class CurvatureLens:
                 "curvlens.register_layer)"
             )
         self.history: list[Any] = []
-        self.gradient_spectra: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in self.layers}
         self.num_steps = 0
-        self._capture: Capture | None = None
+        self._capture: Capture | NoCapture | None = None
         self._paused = False
-        self._accumulator = FactorAccumulator(self.layers)
-        self._recorded_factor_steps = 0
+        self._recorder = StepRecorder(self.layers, loss_fn, top_k=self.top_k,
+                                      check_finite=self.check_finite)
 
     # ----------------------------------------------------------------- context manager
     @property
@@ -184,7 +183,7 @@ class CurvatureLens:
             capture.__enter__()
             self._capture = capture
         else:
-            self._capture = _NoCapture()
+            self._capture = NoCapture()
         return self
 
     def __exit__(
@@ -230,56 +229,19 @@ class CurvatureLens:
             )
         try:
             if self.recording_step:
-                self._record()
+                capture = self._capture if isinstance(self._capture, Capture) else None
+                self._recorder.record(self.num_steps, capture)
         finally:
             self._capture.clear()
             self.num_steps += 1
 
-    def _record(self) -> None:
-        grads: dict[str, Tensor] = {}
-        for name, info in self.layers.items():
-            grad = info.weight.grad
-            if grad is None:
-                raise RuntimeError(
-                    f"layer {name!r} has no gradient at lens.step(): it is frozen or was not "
-                    "used in the forward pass. Call lens.step() after loss.backward(), or leave "
-                    f"the layer out with CurvatureLens(..., layers=[...])"
-                )
-            grads[name] = grad.detach().reshape(grad.shape[0], -1)  # [m, n]
-        if self.check_finite:
-            finite = torch.stack([torch.isfinite(g).all() for g in grads.values()])
-            if not bool(finite.all()):  # one host sync per recording step
-                bad = [n for n, ok in zip(grads, finite.tolist()) if not ok]
-                raise RuntimeError(
-                    f"NaN or Inf in the gradient of layer {bad[0]!r} (all affected: {bad}) at "
-                    f"step {self.num_steps}; lower the learning rate, check the loss and the "
-                    "inputs, or clip gradients"
-                )
-        step = self.num_steps
-        for name, G in grads.items():
-            self.gradient_spectra[name].append((step, _top_singular_values(G, self.top_k)))
-        if isinstance(self._capture, Capture):
-            self._accumulate(self._capture)
-
-    def _accumulate(self, capture: Capture) -> None:
-        added = False
-        for name, record in capture.records.items():
-            for x, g in record.pairs():
-                batch = int(x.shape[0]) if x.dim() > 0 else 1
-                if g.dtype in (torch.float16, torch.bfloat16):  # sums of squares overflow in half
-                    x = x.float() if x.is_floating_point() else x
-                    g = g.float()
-                self._accumulator.add_inputs(name, x)
-                try:
-                    self._accumulator.add_grads(
-                        name, g, scale=batch_scale(self.loss_fn, batch), samples=batch
-                    )
-                except RuntimeError as err:
-                    raise RuntimeError(f"{err} (at training step {self.num_steps})") from None
-                added = True
-        self._recorded_factor_steps += int(added)
-
     # ----------------------------------------------------------------- running statistics
+    @property
+    def gradient_spectra(self) -> dict[str, list[tuple[int, Tensor]]]:
+        """``{layer: [(step, sigma [k]), ...]}``: the top-K gradient singular values recorded by
+        :meth:`step`, oldest first."""
+        return self._recorder.gradient_spectra
+
     def running_factors(self) -> dict[str, KroneckerFactors]:
         """Kronecker factors averaged over the recorded training steps since the last reset.
 
@@ -290,14 +252,13 @@ class CurvatureLens:
         Returns:
             ``{layer: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``.
         """
-        acc = self._accumulator.copy()
+        acc = self._recorder.accumulator.copy()
         acc.all_reduce()
         return acc.factors(skip_empty=True)
 
     def reset_running(self) -> None:
         """Forget the running Kronecker factors (the gradient spectra history stays)."""
-        self._accumulator = FactorAccumulator(self.layers)
-        self._recorded_factor_steps = 0
+        self._recorder.reset_running()
 
     def latest_alphas(self) -> dict[str, float]:
         """``{layer: alpha}`` of the latest :meth:`analyze` (empty before the first one).
@@ -427,7 +388,7 @@ class CurvatureLens:
             "kronecker": self.kronecker.value,
             "mode": self.mode.value,
             "num_steps": self.num_steps,
-            "recorded_factor_steps": self._recorded_factor_steps,
+            "recorded_factor_steps": self._recorder.recorded_factor_steps,
             "train_gamma": {
                 name: trace[-1][1] for name, trace in self.gamma_trace().items() if trace
             },
@@ -439,30 +400,6 @@ class CurvatureLens:
             f"top_k={self.top_k}, every={self.every}, kronecker={self.kronecker.value!r}, "
             f"mode={self.mode.value!r}, active={self.active}, reports={len(self.history)})"
         )
-
-
-class _NoCapture:
-    """Stand-in capture for ``kronecker="none"``: no hooks, nothing recorded."""
-
-    def clear(self) -> None:
-        pass
-
-    def remove(self) -> None:
-        pass
-
-
-def _top_singular_values(G: Tensor, k: int) -> Tensor:
-    """Top-``k`` singular values ``[min(k, m, n)]`` of ``G [m, n]``, descending.
-
-    Only the values are kept during training, so small matrices use ``torch.linalg.svdvals``
-    (no singular vectors: cheaper than a full SVD); large ones the truncated
-    :func:`~curvlens.linalg.svd.gradient_svd`, exactly as the analysis does.
-    """
-    k = min(k, *G.shape)
-    work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-    if min(G.shape) <= DENSE_LIMIT or 4 * k >= min(G.shape):
-        return torch.linalg.svdvals(work)[:k]
-    return gradient_svd(work, k)[1]
 
 
 def _rank_slope(S: Tensor) -> float:

@@ -69,8 +69,8 @@ def test_every_is_honoured():
     for name, records in lens.gradient_spectra.items():
         assert [s for s, _ in records] == [0, 3, 6], name
     # factors: 3 recorded steps of 16 samples each
-    assert lens._recorded_factor_steps == 3
-    assert all(n == 48 for n in lens._accumulator.num_samples.values())
+    assert lens._recorder.recorded_factor_steps == 3
+    assert all(n == 48 for n in lens._recorder.accumulator.num_samples.values())
 
 
 def test_recorded_spectrum_matches_svd_of_grad():
