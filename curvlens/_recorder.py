@@ -16,7 +16,7 @@ from torch import Tensor
 from curvlens.hooks import Capture
 from curvlens.kronecker import FactorAccumulator, batch_scale
 from curvlens.layers import LayerInfo
-from curvlens.linalg.svd import DENSE_LIMIT, gradient_svd
+from curvlens.linalg.svd import GRAM_LIMIT, gradient_svd, gram_singular_values
 
 __all__ = ["StepRecorder"]
 
@@ -120,12 +120,14 @@ class NoCapture:
 def _top_singular_values(G: Tensor, k: int) -> Tensor:
     """Top-``k`` singular values ``[min(k, m, n)]`` of ``G [m, n]``, descending.
 
-    Only the values are kept during training, so small matrices use ``torch.linalg.svdvals``
-    (no singular vectors: cheaper than a full SVD); large ones the truncated
-    :func:`~curvlens.linalg.svd.gradient_svd`, exactly as the analysis does.
+    Only the values are kept during training: up to :data:`~curvlens.linalg.svd.GRAM_LIMIT` on
+    the smaller side they come from the smaller Gram matrix
+    (:func:`~curvlens.linalg.svd.gram_singular_values`, about ``1e-5`` relative accuracy; a
+    ``512 x 4608`` gradient costs a ``512 x 512`` eigendecomposition instead of an SVD); larger
+    ones from the truncated :func:`~curvlens.linalg.svd.gradient_svd`.
     """
     k = min(k, *G.shape)
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-    if min(G.shape) <= DENSE_LIMIT or 4 * k >= min(G.shape):
-        return torch.linalg.svdvals(work)[:k]
-    return gradient_svd(work, k)[1]
+    if min(G.shape) <= GRAM_LIMIT:
+        return gram_singular_values(work, k).clone()
+    return gradient_svd(work, k, method="subspace" if 4 * k < min(G.shape) else "dense")[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvlens.linalg.svd import gradient_svd
+from curvlens.linalg.svd import gradient_svd, gram_singular_values
 
 
 def _decaying(m: int, n: int, seed: int, decay: float = 1.0) -> torch.Tensor:
@@ -30,6 +30,7 @@ def _assert_matches_reference(G, U, S, V, k):
 @pytest.mark.parametrize(("m", "n", "k", "method"), [
     (7, 5, None, "auto"), (5, 9, 3, "auto"), (40, 30, 30, "dense"),
     (700, 300, 8, "auto"), (300, 700, 8, "subspace"), (120, 90, 5, "subspace"),
+    (40, 300, 12, "gram"), (300, 40, 40, "gram"),
 ])
 def test_matches_torch_linalg_svd(m, n, k, method):
     G = _decaying(m, n, seed=m + n)
@@ -70,3 +71,37 @@ def test_half_precision_is_computed_in_float32():
 def test_bad_input_raises(G, k, match):
     with pytest.raises(ValueError, match=match):
         gradient_svd(G, k)
+
+
+def test_gram_path_agrees_with_dense_in_float32():
+    G = _decaying(64, 576, seed=5, decay=1.2)
+    U1, S1, V1 = gradient_svd(G.float(), 10, method="gram")
+    U2, S2, V2 = gradient_svd(G.float(), 10, method="dense")
+    assert S1.dtype == torch.float32 and U1.shape == (64, 10) and V1.shape == (576, 10)
+    torch.testing.assert_close(S1.double(), torch.linalg.svdvals(G)[:10], rtol=1e-6, atol=0)
+    torch.testing.assert_close(U1, U2, rtol=0, atol=1e-4)
+    torch.testing.assert_close(V1, V2, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("m", "n", "decay", "dtype", "rtol"), [
+    (64, 576, 1.0, torch.float64, 1e-12),
+    (576, 64, 1.0, torch.float64, 1e-12),
+    (128, 1152, 0.8, torch.float32, 1e-5),
+    (96, 900, 2.0, torch.float32, 1e-5),  # sigma_20 / sigma_1 = 1/400: needs the float64 Gram
+])
+def test_gram_singular_values_match_svdvals(m, n, decay, dtype, rtol):
+    G = _decaying(m, n, seed=m, decay=decay).to(dtype)
+    ref = torch.linalg.svdvals(G.double())[:20]
+    got = gram_singular_values(G, 20)
+    assert got.dtype == dtype and got.shape == (20,)
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=0)
+
+
+def test_gram_singular_values_edge_cases():
+    assert gram_singular_values(torch.zeros(3, 5)).tolist() == [0.0, 0.0, 0.0]
+    G = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.bfloat16)  # rank one
+    S = gram_singular_values(G)
+    assert S.dtype == torch.float32
+    torch.testing.assert_close(S, torch.tensor([5.0, 0.0]), rtol=1e-6, atol=1e-3)
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        gram_singular_values(torch.ones(0, 3))
