@@ -28,6 +28,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from curvlens._factor_forms import (
+    DiagonalFactor,
+    Factor,
+    SketchedFactor,
+    factor_dim,
+    factor_quad,
+    factor_top_eigenvalues,
+)
+
 __all__ = ["AlignmentBudget", "alignment_budget", "log_slope"]
 
 _NAN = float("nan")
@@ -91,19 +100,21 @@ def log_slope(sigma: Tensor, values: Tensor, window: Tensor) -> float:
     return float((dx * (y - y.mean())).sum()) / sxx
 
 
-def _descending_eigenvalues(C: Tensor, name: str) -> Tensor:
-    if not bool(torch.isfinite(C).all()):
+def _descending_eigenvalues(C: Factor, name: str, k: int) -> Tensor:
+    """The top ``k`` eigenvalues of a factor in any form (float64, descending)."""
+    values = C.diag if isinstance(C, DiagonalFactor) else (
+        C.eigvals if isinstance(C, SketchedFactor) else C)
+    if not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} holds NaN or Inf; recompute the Kronecker factors")
-    C = C.to(torch.float64)
-    return torch.linalg.eigvalsh((C + C.mT) / 2).flip(0)
+    return factor_top_eigenvalues(C, k)
 
 
 def alignment_budget(
     sigma: Tensor,
     h: Tensor,
     *,
-    C_A: Tensor,
-    C_delta: Tensor,
+    C_A: Factor,
+    C_delta: Factor,
     U: Tensor,
     V: Tensor,
     window: Tensor | None = None,
@@ -113,8 +124,10 @@ def alignment_budget(
     Args:
         sigma: [K] gradient singular values, descending.
         h: [K] directional curvatures ``h_k = vec(D_k)^T H vec(D_k)``.
-        C_A: [n, n] column-side Kronecker factor.
-        C_delta: [m, m] row-side Kronecker factor.
+        C_A: [n, n] column-side Kronecker factor: a tensor, or the diagonal or sketched form
+            of :mod:`curvlens._factor_forms` (a sketch's eigenvalues are its Rayleigh-Ritz
+            values; only the top ``K`` eigenvalues are computed).
+        C_delta: [m, m] row-side Kronecker factor, in the same forms.
         U: [m, K] left singular vectors of the gradient (more columns are ignored).
         V: [n, K] right singular vectors.
         window: [K] bool, the candidate ``k`` (default: all); ``h_k > 0`` and positive factors
@@ -140,9 +153,9 @@ def alignment_budget(
     if h.numel() != K:
         raise ValueError(f"sigma and h need the same length, got {K} and {h.numel()}")
     for C, what in ((C_delta, "C_delta"), (C_A, "C_A")):
-        if C.dim() != 2 or C.shape[0] != C.shape[1]:
+        if len(C.shape) != 2 or C.shape[0] != C.shape[1]:
             raise ValueError(f"{what} must be a square matrix, got shape {tuple(C.shape)}")
-    m, n = C_delta.shape[0], C_A.shape[0]
+    m, n = factor_dim(C_delta), factor_dim(C_A)
     if U.dim() != 2 or U.shape[0] != m or U.shape[1] < K:
         raise ValueError(
             f"U must be [m={m}, >= K={K}] to match C_delta [{m}, {m}], got {tuple(U.shape)}"
@@ -153,11 +166,11 @@ def alignment_budget(
         )
     if K > min(m, n):
         raise ValueError(f"K={K} directions exceed the factor sizes m={m}, n={n}")
-    lam_d = _descending_eigenvalues(C_delta, "C_delta")[:K].to(sigma.device)
-    lam_a = _descending_eigenvalues(C_A, "C_A")[:K].to(sigma.device)
+    lam_d = _descending_eigenvalues(C_delta, "C_delta", K).to(sigma.device)
+    lam_a = _descending_eigenvalues(C_A, "C_A", K).to(sigma.device)
     U64, V64 = U[:, :K].to(torch.float64), V[:, :K].to(torch.float64)
-    q_d = torch.einsum("mk,ml,lk->k", U64, C_delta.to(torch.float64), U64).to(sigma.device)
-    q_a = torch.einsum("nk,nl,lk->k", V64, C_A.to(torch.float64), V64).to(sigma.device)
+    q_d = factor_quad(C_delta, U64).to(sigma.device)
+    q_a = factor_quad(C_A, V64).to(sigma.device)
     h_kron = q_d * q_a
     with torch.no_grad():
         rho_d, rho_a = q_d / lam_d, q_a / lam_a

@@ -2,9 +2,12 @@ r"""Eigenvalues, trace and spectral density of a layer's Hessian block or the wh
 
 The operators of :mod:`curvlens.hessian` (exact double-backward HVPs on a gradient graph built
 once) fed to the model-agnostic kernels of :mod:`curvlens.linalg`: Lanczos with full
-reorthogonalization for the top eigenvalues (``s_lanczos`` of the main paper, seed 001, is the
-decay exponent of the top-K eigenvalues of ``H_WW``; shared/SPEC.md s. 2.5 and 3), Hutchinson's
-trace estimator and stochastic Lanczos quadrature. The dense Hessian is never formed.
+reorthogonalization for the top eigenvalues (``s_lanczos``, the decay exponent of the top-K
+eigenvalues of ``H_WW``, the independent check on the Rayleigh-quotient exponent of "Spectral
+Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition of the Curvature
+Exponent", Calvo, 2026, arXiv:2606.02596), Hutchinson's trace estimator and stochastic Lanczos
+quadrature. The dense Hessian is never formed, and the Lanczos basis stays within the memory
+budget (thick restart).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._budget import check_fits, count_that_fits, resolve_budget
 from curvlens._dist import batch_mean, is_distributed
 from curvlens._functional_model import Inputs, as_tuple, check_batch, trainable_parameters
 from curvlens._modes import measurement_mode
 from curvlens.hessian import GradGraph, LossFn, _layer, flat_hvp
-from curvlens.layers import LayerInfo
-from curvlens.linalg.lanczos import Which, lanczos
+from curvlens.layers import LayerInfo, resolve_layer
+from curvlens.linalg.lanczos import Which, lanczos, parse_which
 from curvlens.linalg.slq import SpectralDensity, spectral_density
 from curvlens.linalg.trace import Probe, TraceEstimate, hutchinson_trace
 
@@ -75,19 +79,48 @@ def _matvec(graph: GradGraph) -> Callable[[Tensor], Tensor]:
     return matvec
 
 
+#: vectors of the block's dimension that Lanczos needs besides its basis (the new vector, the
+#: Gram-Schmidt temporaries, the Hessian-vector product's output)
+_LANCZOS_WORK_VECTORS = 4
+
+
+def lanczos_max_basis(dim: int, k: int, which: Which | str, dtype: torch.dtype, budget: int,
+                      layer: str) -> int | None:
+    """The largest Lanczos basis (in vectors) that ``budget`` bytes hold, ``None`` when it need
+    not be bounded (it holds every vector the iteration could want).
+
+    Raises:
+        MemoryBudgetError: not even the wanted Ritz vectors plus two fit (names ``layer``).
+    """
+    n_ends = 2 if parse_which(which) is Which.BOTH else 1
+    per_vec = dim * torch.empty((), dtype=dtype).element_size()
+    reserve = _LANCZOS_WORK_VECTORS * per_vec
+    fits = count_that_fits(per_vec, budget, reserve=reserve)
+    need = n_ends * k + 2
+    check_fits(reserve + need * per_vec, budget, layer=layer,
+               what=f"Lanczos for {k} eigenvalues (at least {need} basis vectors of dimension "
+                    f"{dim}, {dtype})", hint="lower lanczos_k")
+    return None if fits >= min(dim, max(30 * k, 100)) else fits
+
+
 def _eigen(
     model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, layer: Layer | None,
     k: int, which: Which | str, num_iter: int | None, tol: float | None,
     generator: torch.Generator | None, dtype: torch.dtype | None, return_vectors: bool,
-    progress: bool,
+    progress: bool, memory_budget: int | float | str | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     with measurement_mode(model):
         graph, shape = _graph(model, loss_fn, inputs, targets, layer)
         dim = sum(p.numel() for p in graph.params)
+        work = _work_dtype(graph, dtype)
+        device = graph.params[0].device
+        name = "model" if layer is None else resolve_layer(model, layer).name
+        max_basis = lanczos_max_basis(dim, k, which, work, resolve_budget(memory_budget, device),
+                                      name)
         out = lanczos(
             _matvec(graph), dim, k, which=which, num_iter=num_iter, tol=tol,
-            generator=_shared(generator), dtype=_work_dtype(graph, dtype),
-            device=graph.params[0].device, return_vectors=return_vectors, progress=progress,
+            generator=_shared(generator), dtype=work, device=device,
+            return_vectors=return_vectors, progress=progress, max_basis=max_basis,
         )
     if not return_vectors:
         return out
@@ -110,6 +143,7 @@ def block_eigenvalues(
     dtype: torch.dtype | None = None,
     return_vectors: bool = False,
     progress: bool = False,
+    memory_budget: int | float | str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The top-``k`` eigenvalues of one layer's Hessian block ``H_WW``, descending.
 
@@ -128,10 +162,16 @@ def block_eigenvalues(
         dtype: Lanczos working precision (default: float64 for float64 weights, else float32).
         return_vectors: also return the eigenvectors in the matrix view.
         progress: tqdm bar over the HVPs.
+        memory_budget: bytes the Lanczos basis may take (an int, a string such as ``"2GB"``,
+            or ``None`` for the default of :mod:`curvlens._budget`); a basis that would pass
+            it is thick-restarted instead of grown.
 
     Returns:
         ``eigenvalues [k]`` descending, and with ``return_vectors`` the unit eigenvectors
         ``[k, m, n]`` in the same order.
+
+    Raises:
+        MemoryBudgetError: not even ``k + 2`` vectors of the block fit the budget.
 
     Example:
         >>> import torch
@@ -142,7 +182,7 @@ def block_eigenvalues(
         torch.Size([2])
     """
     return _eigen(model, loss_fn, inputs, targets, layer, k, which, num_iter, tol, generator,
-                  dtype, return_vectors, progress)
+                  dtype, return_vectors, progress, memory_budget)
 
 
 def model_eigenvalues(
@@ -159,6 +199,7 @@ def model_eigenvalues(
     dtype: torch.dtype | None = None,
     return_vectors: bool = False,
     progress: bool = False,
+    memory_budget: int | float | str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The top-``k`` eigenvalues of the Hessian over all trainable parameters, descending.
 
@@ -174,7 +215,7 @@ def model_eigenvalues(
         torch.Size([2])
     """
     return _eigen(model, loss_fn, inputs, targets, None, k, which, num_iter, tol, generator,
-                  dtype, return_vectors, progress)
+                  dtype, return_vectors, progress, memory_budget)
 
 
 def hessian_trace(

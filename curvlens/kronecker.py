@@ -45,17 +45,17 @@ input factor is rescaled by ``1/T`` to the convention above.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlens._dist import all_reduce_sum, is_distributed, sum_count
+from curvlens._factor_forms import DiagonalFactor, SketchedFactor, factor_quad
+from curvlens._factor_store import FactorAccumulator, KroneckerFactors
 from curvlens._options import parse_option
-from curvlens.hooks import Capture, LayerRecord
+from curvlens.hooks import Capture
 from curvlens.layers import LayerInfo, find_layers
 
 __all__ = [
@@ -63,6 +63,8 @@ __all__ = [
     "FactorMode",
     "FactorBackend",
     "FactorAccumulator",
+    "DiagonalFactor",
+    "SketchedFactor",
     "kronecker_factors",
     "kronecker_curvature",
     "batch_scale",
@@ -80,21 +82,6 @@ class FactorBackend(str, Enum):
     BACKPACK = "backpack"
 
 
-@dataclass(frozen=True)
-class KroneckerFactors:
-    """One layer's Kronecker factors (see the module docstring for the scaling).
-
-    Attributes:
-        C_A: [n, n] column-side factor (inputs / patches; Embedding: output gradients).
-        C_delta: [m, m] row-side factor (output gradients; Embedding: one-hot frequencies).
-        num_samples: number of samples ``B`` (times the Monte-Carlo draws in ``"fisher"``).
-    """
-
-    C_A: Tensor
-    C_delta: Tensor
-    num_samples: int
-
-
 def kronecker_curvature(factors: KroneckerFactors, U: Tensor, V: Tensor) -> Tensor:
     """``h_kron_k = (u_k^T C_delta u_k)(v_k^T C_A v_k)`` for every k.
 
@@ -106,9 +93,7 @@ def kronecker_curvature(factors: KroneckerFactors, U: Tensor, V: Tensor) -> Tens
     Returns:
         [k] Kronecker-model curvatures along ``u_k v_k^T``.
     """
-    left = torch.einsum("mk,ml,lk->k", U, factors.C_delta.to(U.dtype), U)
-    right = torch.einsum("nk,nl,lk->k", V, factors.C_A.to(V.dtype), V)
-    return left * right
+    return factor_quad(factors.C_delta, U) * factor_quad(factors.C_A, V)
 
 
 def batch_scale(loss_fn: Callable, batch_size: int) -> float:
@@ -126,117 +111,6 @@ def batch_scale(loss_fn: Callable, batch_size: int) -> float:
             "a mean (or a sum) over the batch"
         )
     return float(batch_size)
-
-
-class FactorAccumulator:
-    """Running sums that turn captured (input, output-grad) pairs into Kronecker factors.
-
-    The lens feeds it every N training steps; :func:`kronecker_factors` feeds it once.
-
-    Args:
-        layers: ``{name: LayerInfo}`` to accumulate for.
-    """
-
-    def __init__(self, layers: Mapping[str, LayerInfo]) -> None:
-        self.layers = dict(layers)
-        self._in: dict[str, Tensor] = {}
-        self._grad: dict[str, Tensor] = {}
-        self._rows_in: dict[str, int] = dict.fromkeys(self.layers, 0)
-        self.num_samples: dict[str, int] = dict.fromkeys(self.layers, 0)
-
-    def add_inputs(self, name: str, x: Tensor) -> None:
-        """Add one forward call's input to the input-side sum."""
-        info = self.layers[name]
-        rows = info.spec.input_rows(info.module, x)  # [N, dim]
-        self._add(self._in, name, rows)
-        self._rows_in[name] += rows.shape[0]
-
-    def add_grads(self, name: str, grad: Tensor, *, scale: float, samples: int) -> None:
-        """Add one backward's output gradient (multiplied by ``scale``) to the gradient side.
-
-        Args:
-            name: layer name.
-            grad: ``dL/dy`` as captured, the layer output's shape.
-            scale: per-sample scale (see :func:`batch_scale`).
-            samples: how many samples this backward counts for (``B``; 0 for the extra
-                backward passes of the ``"ggn"`` mode, which add to the same samples).
-        """
-        info = self.layers[name]
-        if not torch.isfinite(grad).all():
-            raise RuntimeError(
-                f"layer {name!r}: NaN or Inf in the output gradient; check the loss and the "
-                "learning rate before measuring curvature"
-            )
-        rows = info.spec.grad_rows(info.module, grad) * scale  # [N, dim]
-        self._add(self._grad, name, rows)
-        self.num_samples[name] += samples
-
-    def add_record(self, name: str, record: LayerRecord, *, scale: float, samples: int) -> None:
-        """Add everything a :class:`~curvlens.hooks.LayerRecord` holds (one backward per call)."""
-        for x in record.inputs:
-            self.add_inputs(name, x)
-        for g in record.output_grads:
-            self.add_grads(name, g, scale=scale, samples=samples)
-
-    @staticmethod
-    def _add(store: dict[str, Tensor], name: str, rows: Tensor) -> None:
-        outer = rows.mT @ rows
-        store[name] = outer if name not in store else store[name] + outer
-
-    def all_reduce(self) -> None:
-        """Sum the running sums and counts over all ``torch.distributed`` processes.
-
-        Afterwards every process holds what one process would have accumulated on the union of
-        the batches. A no-op without an initialized process group; every process must call it.
-        """
-        if not is_distributed():
-            return
-        for name, info in self.layers.items():
-            m, n = info.matrix_shape
-            in_dim, grad_dim = (n, m) if info.spec.inputs_are_columns else (m, n)
-            ref = info.weight
-            for store, dim in ((self._in, in_dim), (self._grad, grad_dim)):
-                if name not in store:  # a process that saw nothing still joins the collective
-                    store[name] = torch.zeros(dim, dim, dtype=ref.dtype, device=ref.device)
-                all_reduce_sum(store[name])
-            self._rows_in[name] = sum_count(self._rows_in[name], ref.device)
-            self.num_samples[name] = sum_count(self.num_samples[name], ref.device)
-
-    def copy(self) -> FactorAccumulator:
-        """An independent copy of the running sums (e.g. to all-reduce without touching them)."""
-        twin = FactorAccumulator(self.layers)
-        twin._in = {k: v.clone() for k, v in self._in.items()}
-        twin._grad = {k: v.clone() for k, v in self._grad.items()}
-        twin._rows_in = dict(self._rows_in)
-        twin.num_samples = dict(self.num_samples)
-        return twin
-
-    def factors(self, *, skip_empty: bool = False) -> dict[str, KroneckerFactors]:
-        """The averaged factors of every layer.
-
-        Args:
-            skip_empty: leave out layers that saw no sample instead of raising.
-
-        Raises:
-            ValueError: a layer saw no input rows or no samples (empty batch), unless
-                ``skip_empty``.
-        """
-        out: dict[str, KroneckerFactors] = {}
-        for name, info in self.layers.items():
-            if skip_empty and (self._rows_in[name] == 0 or self.num_samples[name] == 0):
-                continue
-            if self._rows_in[name] == 0 or self.num_samples[name] == 0:
-                raise ValueError(
-                    f"layer {name!r} saw no samples: empty batch, or the layer is not used in "
-                    "the forward pass; check the inputs or leave the layer out"
-                )
-            C_in = self._in[name] / self._rows_in[name]
-            C_grad = self._grad[name] / self.num_samples[name]
-            if info.spec.inputs_are_columns:
-                out[name] = KroneckerFactors(C_in, C_grad, self.num_samples[name])
-            else:
-                out[name] = KroneckerFactors(C_grad, C_in, self.num_samples[name])
-        return out
 
 
 def _as_tuple(inputs: Tensor | tuple) -> tuple:
@@ -314,6 +188,7 @@ def kronecker_factors(
     generator: torch.Generator | None = None,
     mc_samples: int = 1,
     distributed: bool = True,
+    memory_budget: int | float | str | None = None,
 ) -> dict[str, KroneckerFactors]:
     """Kronecker factors of every chosen layer on one batch.
 
@@ -334,6 +209,9 @@ def kronecker_factors(
         distributed: under an initialized ``torch.distributed`` process group, sum the factors'
             statistics over all processes (hooks backend), so each process gets the factors of
             the union of the batches. Every process must then call this function.
+        memory_budget: bytes one dense factor side may take (see :mod:`curvlens._budget`);
+            larger sides (and sides above 8192) are kept as sketches, diagonal sides (an
+            Embedding's one-hot side) as vectors.
 
     Returns:
         ``{layer_name: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``.
@@ -361,7 +239,8 @@ def kronecker_factors(
         from curvlens._backpack import backpack_factors
 
         return backpack_factors(model, loss_fn, inputs, targets, chosen, mode, mc_samples)
-    acc = _hook_factors(model, loss_fn, inputs, targets, chosen, mode, generator, mc_samples, B)
+    acc = _hook_factors(model, loss_fn, inputs, targets, chosen, mode, generator, mc_samples, B,
+                        memory_budget)
     if distributed:
         acc.all_reduce()
     return acc.factors()
@@ -377,10 +256,11 @@ def _hook_factors(
     generator: torch.Generator | None,
     mc_samples: int,
     B: int,
+    memory_budget: int | float | str | None = None,
 ) -> FactorAccumulator:
     weights = [info.weight for info in chosen.values()]
     scale = batch_scale(loss_fn, B)
-    acc = FactorAccumulator(chosen)
+    acc = FactorAccumulator(chosen, memory_budget=memory_budget)
     with Capture(model, chosen) as cap:
         output = model(*inputs)
         if mode is FactorMode.EMPIRICAL:

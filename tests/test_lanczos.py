@@ -201,3 +201,48 @@ def test_lanczos_long_run_grows_basis_and_is_exact_at_full_dimension():
     A = _sym(torch.linspace(1, 2, 80, dtype=DT), seed=14)  # clustered: needs many steps
     vals = lanczos(lambda v: A @ v, 80, 1, tol=1e-13, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(vals, torch.linalg.eigvalsh(A)[-1:], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("name", "which", "k", "max_basis"), [
+    ("power_law", "largest", 5, 9), ("indefinite", "both", 3, 16),
+    ("indefinite", "smallest", 4, 12), ("low_rank", "largest", 3, 5),
+])
+def test_thick_restart_matches_eigvalsh_within_a_bounded_basis(name, which, k, max_basis,
+                                                               monkeypatch):
+    A = _sym(SPECTRA[name](), seed=21)
+    exact = torch.linalg.eigvalsh(A)
+    widest = []
+
+    def matvec(v):
+        return A @ v
+
+    real_empty = torch.empty
+
+    def spy_empty(*shape, **kw):  # record the basis allocation
+        out = real_empty(*shape, **kw)
+        if len(shape) == 2 and shape[1] == A.shape[0]:
+            widest.append(shape[0])
+        return out
+
+    monkeypatch.setattr(torch, "empty", spy_empty)
+    values, vectors = lanczos(matvec, A.shape[0], k, which=which, max_basis=max_basis,
+                              num_iter=3000, generator=torch.Generator().manual_seed(3),
+                              return_vectors=True)
+    monkeypatch.undo()
+    top, bottom = exact.flip(0)[:k], exact[:k].flip(0)
+    expected = {"largest": top, "smallest": bottom, "both": torch.cat([top, bottom])}[which]
+    scale = exact.abs().max()
+    torch.testing.assert_close(values, expected, rtol=1e-7, atol=1e-10 * scale)
+    torch.testing.assert_close(A @ vectors, vectors * values, rtol=0, atol=1e-5 * scale)
+    assert widest == [max_basis]  # one basis of max_basis rows, never grown
+
+
+def test_thick_restart_float32_basis_and_bad_max_basis():
+    A = _sym(SPECTRA["power_law"](), seed=22).float()
+    vals = lanczos(lambda v: A @ v, 200, 4, dtype=torch.float32, max_basis=8, num_iter=2000,
+                   generator=torch.Generator().manual_seed(0))
+    assert vals.dtype == torch.float32
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(A.double()).flip(0)[:4].float(),
+                               rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="max_basis must be an int >= 6"):
+        lanczos(lambda v: A @ v, 200, 4, max_basis=5)

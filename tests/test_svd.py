@@ -105,3 +105,16 @@ def test_gram_singular_values_edge_cases():
     torch.testing.assert_close(S, torch.tensor([5.0, 0.0]), rtol=1e-6, atol=1e-3)
     with pytest.raises(ValueError, match="non-empty 2-D"):
         gram_singular_values(torch.ones(0, 3))
+
+
+def test_rank_deficient_gradient_keeps_round_off_values_tiny():
+    """A 10-class head's gradient has rank 9: the 10th value must stay at round-off (as in the
+    SVD), not at the Gram's sqrt(eps) noise, or the numerical-rank window would keep it."""
+    g = torch.Generator().manual_seed(4)
+    G = torch.randn(10, 9, generator=g, dtype=torch.float64) @ torch.randn(
+        9, 700, generator=g, dtype=torch.float64)
+    S = gradient_svd(G, 10, method="gram")[1]
+    assert float(S[-1]) < 1e-13 * float(S[0])
+    torch.testing.assert_close(S[:9], torch.linalg.svdvals(G)[:9], rtol=1e-12, atol=0)
+    S2 = gram_singular_values(G, 10)
+    assert float(S2[-1]) < 1e-13 * float(S2[0])

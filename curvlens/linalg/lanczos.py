@@ -9,10 +9,16 @@ knows about models. After ``j`` steps the Krylov basis ``Q_j`` and the tridiagon
 twice ("twice is enough"), so the Ritz values carry no spurious copies. When the Krylov space
 becomes invariant, the iteration continues from a fresh random vector orthogonal to the basis,
 which uncovers further copies of repeated eigenvalues; it stops when such a restart leaves the
-wanted Ritz values unchanged.
+wanted Ritz values unchanged. With ``max_basis`` the basis never holds more than that many
+vectors: a full basis is compressed to the best Ritz vectors and the iteration goes on from the
+residual direction (thick restart; K. Wu and H. Simon, "Thick-restart Lanczos method for large
+symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22, 2000), which keeps the memory of a
+38M-dimensional block at a few vectors. The projected matrix ``H = Q^T A Q`` is kept from the
+Gram-Schmidt coefficients, so it is tridiagonal without restarts and arrow-shaped after one.
 
-Used for ``s_lanczos`` in the main paper (seed 001, "spectral alignment"), the independent check on
-the Rayleigh-quotient exponent; see shared/SPEC.md sections 2.5 and 3.
+Used for ``s_lanczos``, the independent check on the Rayleigh-quotient exponent of "Spectral
+Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition of the Curvature Exponent"
+(Calvo, 2026, arXiv:2606.02596): the decay of the top eigenvalues of a layer's Hessian block.
 
 References: C. Lanczos (1950); C. C. Paige (1971); B. N. Parlett, *The Symmetric Eigenvalue
 Problem* (1998), ch. 13.
@@ -40,7 +46,8 @@ class Which(str, Enum):
     BOTH = "both"
 
 
-def _parse_which(which: Which | str) -> Which:
+def parse_which(which: Which | str) -> Which:
+    """``which`` as a :class:`Which` (a string or the enum; ValueError names the choices)."""
     return parse_option(Which, which, "which")
 
 
@@ -119,6 +126,7 @@ def lanczos(
     device: torch.device | str = "cpu",
     return_vectors: bool = False,
     progress: bool = False,
+    max_basis: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalization.
 
@@ -128,7 +136,8 @@ def lanczos(
         dim: the operator's dimension.
         k: how many eigenvalues (at each end for ``which="both"``); ``1 <= k <= dim``.
         which: ``"largest"`` (algebraically), ``"smallest"``, or ``"both"``.
-        num_iter: the maximum Krylov dimension (number of ``matvec`` calls); default
+        num_iter: the maximum number of ``matvec`` calls (the Krylov dimension without
+            restarts); default
             ``min(dim, max(30 * k, 100))``. A warning says so when it was not enough.
         tol: stop when each wanted Ritz pair's residual ``||A y - theta y||`` is at most
             ``tol * |theta|``; default ``sqrt(eps)`` of ``dtype``. The eigenvalue error is at most
@@ -140,6 +149,11 @@ def lanczos(
         device: where the basis lives.
         return_vectors: also return the Ritz vectors.
         progress: show a tqdm progress bar over the iterations.
+        max_basis: keep at most this many basis vectors (memory ``max_basis * dim`` entries of
+            ``dtype``); when the basis is full, a thick restart (Wu and Simon) keeps the wanted
+            Ritz vectors and about half the free room nearest them, and continues from the
+            residual direction. At least ``k + 2`` (``2 k + 2`` for ``"both"``). Default: no
+            limit (the basis grows up to ``num_iter``).
 
     Like every single-vector Krylov method (ARPACK included), a repeated eigenvalue may show up
     once among converged Ritz values before all its copies do; the copies appear when the
@@ -160,7 +174,7 @@ def lanczos(
         >>> lanczos(lambda v: A @ v, 50, 3).round(decimals=8)
         tensor([50., 49., 48.], dtype=torch.float64)
     """
-    which = _parse_which(which)
+    which = parse_which(which)
     if not (isinstance(dim, int) and dim >= 1):
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     n_ends = 2 if which is Which.BOTH else 1
@@ -174,12 +188,18 @@ def lanczos(
         num_iter = min(dim, max(30 * k, 100))
     if not (isinstance(num_iter, int) and n_ends * k <= num_iter):
         raise ValueError(f"num_iter must be an int >= {n_ends * k}, got {num_iter!r}")
-    num_iter = min(num_iter, dim)
+    if max_basis is None or max_basis >= dim:  # no restart: the Krylov space ends at dim
+        num_iter = min(num_iter, dim)
     eps = torch.finfo(dtype).eps
     tol = eps**0.5 if tol is None else float(tol)
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
 
+    if max_basis is not None and not (isinstance(max_basis, int) and max_basis >= n_ends * k + 2):
+        raise ValueError(
+            f"max_basis must be an int >= {n_ends * k + 2} (the wanted Ritz vectors plus two) "
+            f"for k={k}, which={which.value!r}, got {max_basis!r}"
+        )
     if v0 is None:
         q = random_unit(dim, generator=generator, dtype=dtype, device=device)
     else:
@@ -188,26 +208,36 @@ def lanczos(
         q = v0.to(dtype=dtype, device=device)
         q = q / torch.linalg.vector_norm(q)
 
-    # rows q_1..q_j; grown by doubling, since convergence usually comes long before num_iter
-    basis = torch.empty(min(num_iter, 2 * n_ends * k + 20), dim, dtype=dtype, device=device)
-    # the small tridiagonal problem lives on the CPU: each step needs its eigenvalues anyway
-    T = torch.zeros(num_iter, num_iter, dtype=dtype)
+    cap = min(num_iter, dim) if max_basis is None else min(num_iter, dim, max_basis)
+    # rows q_1..q_j; grown by doubling without a cap, since convergence usually comes long before
+    # num_iter; with max_basis the whole (bounded) basis is allocated at once
+    size = cap if max_basis is not None else min(cap, 2 * n_ends * k + 20)
+    basis = torch.empty(size, dim, dtype=dtype, device=device)
+    # the projected matrix H = Q^T A Q lives on the CPU: each step needs its eigenvalues anyway;
+    # tridiagonal until a thick restart makes its kept block diagonal with one coupling row
+    H = torch.zeros(cap, cap, dtype=torch.float64)
     basis[0] = q
     bar = _progress_bar(progress, num_iter)
     converged = False
-    j = 0
+    j = n_mv = restarts = 0
     theta = s = last_breakdown = None
     try:
-        while j < num_iter:
+        while n_mv < num_iter:
             w = _apply(matvec, basis[j])
-            T[j, j] = basis[j] @ w
-            w = _orthogonalize(w, basis[: j + 1])
+            n_mv += 1
+            coef = basis[: j + 1] @ w  # Gram-Schmidt twice; the coefficients are column j of H
+            w = w - basis[: j + 1].mT @ coef
+            again = basis[: j + 1] @ w
+            w = w - basis[: j + 1].mT @ again
+            col = (coef + again).to(device="cpu", dtype=torch.float64)
+            H[: j + 1, j] = col
+            H[j, : j + 1] = col
             beta = torch.linalg.vector_norm(w)
             beta_f = float(beta)
             j += 1
             if bar is not None:
                 bar.update(1)
-            theta, s = torch.linalg.eigh(T[:j, :j])  # ascending
+            theta, s = torch.linalg.eigh(H[:j, :j])  # ascending
             wanted = _wanted(j, k, which)
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
             breakdown = beta_f <= 1e3 * eps * float(scale)
@@ -227,19 +257,24 @@ def lanczos(
                 if bool((resid <= torch.maximum(tol * theta[wanted].abs(), floor)).all()):
                     converged = True
                     break
-            if j == num_iter:
+            if n_mv == num_iter or (j == dim and restarts == 0 and not breakdown):
                 break
-            if j == basis.shape[0]:
-                basis = torch.cat([basis, torch.empty_like(basis[: num_iter - j])])
+            if j == cap:  # thick restart: keep the best Ritz vectors, continue from the residual
+                keep = _kept(j, k, which, cap)
+                _compress(basis, s[:, keep].to(basis.device, dtype), j)
+                H.zero_()
+                H[: keep.numel(), : keep.numel()] = torch.diag(theta[keep])
+                j = keep.numel()
+                restarts += 1
+            elif j == basis.shape[0]:
+                basis = torch.cat([basis, torch.empty_like(basis[: min(size, cap - j)])])
             if breakdown:  # invariant subspace: continue from a fresh orthogonal direction
-                T[j - 1, j] = T[j, j - 1] = 0.0
                 w = _orthogonalize(
                     random_unit(dim, generator=generator, dtype=dtype, device=device),
                     basis[:j],
                 )
                 basis[j] = w / torch.linalg.vector_norm(w)
             else:
-                T[j - 1, j] = T[j, j - 1] = beta_f
                 basis[j] = w / beta
     finally:
         if bar is not None:
@@ -252,11 +287,33 @@ def lanczos(
             stacklevel=2,
         )
     idx = _wanted(j, k, which).flip(0)  # descending
-    values = theta[idx].to(device)
+    values = theta[idx].to(device=device, dtype=dtype)
     if not return_vectors:
         return values
-    vectors = basis[:j].mT @ s[:, idx].to(device)  # [dim, k]
+    vectors = basis[:j].mT @ s[:, idx].to(device=device, dtype=dtype)  # [dim, k]
     return values, vectors
+
+
+def _kept(j: int, k: int, which: Which, cap: int) -> Tensor:
+    """Indices (ascending) of the Ritz vectors a thick restart keeps: the wanted ones plus about
+    half the free room nearest to them, so each restart cycle adds at least two new vectors."""
+    n_ends = 2 if which is Which.BOTH else 1
+    keep = min(cap - 2, n_ends * k + max(0, (cap - n_ends * k) // 2 - 1))
+    if which is Which.LARGEST:
+        return torch.arange(j - keep, j)
+    if which is Which.SMALLEST:
+        return torch.arange(0, keep)
+    low = keep // 2
+    return torch.cat([torch.arange(0, low), torch.arange(j - (keep - low), j)])
+
+
+def _compress(basis: Tensor, S: Tensor, j: int, chunk: int = 1 << 16) -> None:
+    """``basis[:l] = S^T basis[:j]`` in place (``S [j, l]``), a column block at a time, so the
+    only extra memory is one ``[l, chunk]`` block."""
+    kept = S.shape[1]
+    for start in range(0, basis.shape[1], chunk):
+        block = basis[:j, start : start + chunk]
+        basis[:kept, start : start + chunk] = S.mT @ block
 
 
 def _wanted(j: int, k: int, which: Which) -> Tensor:

@@ -137,11 +137,26 @@ def _subspace_svd(
     return (V, S, U) if transpose else (U, S, V)
 
 
+def _below_gram_resolution(evals: Tensor, r: int) -> bool:
+    """Whether the smallest of the descending Gram eigenvalues ``evals`` is below what a float64
+    Gram resolves (``sigma_k / sigma_1`` under about ``1e-6``): its square root would be
+    rounding noise, so the caller takes the SVD instead."""
+    return float(evals[-1]) <= _GRAM_RESOLUTION * r * float(evals[0])
+
+
+#: a Gram eigenvalue below this times ``r * lambda_1`` is rounding noise (``1e4 * eps_64``)
+_GRAM_RESOLUTION = 1e4 * torch.finfo(torch.float64).eps
+
+
 def _gram_svd(G: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k triplets from ``eigh`` of the smaller Gram matrix, in float64."""
+    """Top-k triplets from ``eigh`` of the smaller Gram matrix, in float64 (the dense SVD when
+    the wanted values go below the Gram's resolution: rank-deficient gradients)."""
     transpose = G.shape[0] > G.shape[1]
     A = (G.mT if transpose else G).to(torch.float64)  # [r, c] with r <= c
     evals, evecs = torch.linalg.eigh(A @ A.mT)  # ascending, [r], [r, r]
+    if _below_gram_resolution(evals.flip(0)[:k], A.shape[0]):
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].mT
     S = evals.flip(0)[:k].clamp_min(0).sqrt()  # [k]
     Us = evecs.flip(1)[:, :k]  # [r, k]
     tiny = torch.finfo(torch.float64).tiny
@@ -159,7 +174,8 @@ def gram_singular_values(G: Tensor, k: int | None = None, *, rtol: float = 1e-5)
     ``sigma_k`` by about ``eps * (sigma_1 / sigma_k)^2`` relative, so when that estimate exceeds
     ``rtol`` for the smallest wanted value the Gram is formed again in float64. Costs
     ``min(m, n)^2 max(m, n)`` flops plus one small symmetric eigendecomposition, instead of a
-    full SVD.
+    full SVD. A wanted value below about ``1e-6 sigma_1`` (a rank-deficient gradient, e.g. a
+    classifier head's) is beyond any Gram's resolution: ``torch.linalg.svdvals`` is used then.
 
     Args:
         G: [m, n] matrix; half precision is computed in float32.
@@ -193,4 +209,6 @@ def gram_singular_values(G: Tensor, k: int | None = None, *, rtol: float = 1e-5)
         if smallest <= 0 or eps * float(evals[0]) / smallest > rtol:
             A64 = A.to(torch.float64)
             evals = torch.linalg.eigvalsh(A64 @ A64.mT).flip(0)[:k].clamp_min(0)
+    if float(evals[0]) > 0 and _below_gram_resolution(evals, A.shape[0]):
+        return torch.linalg.svdvals(work)[:k]  # rank-deficient: the Gram cannot resolve it
     return evals.sqrt().to(work.dtype)
