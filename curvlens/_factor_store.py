@@ -249,6 +249,11 @@ class FactorAccumulator:
         for g in record.output_grads:
             self.add_grads(name, g, scale=scale, samples=samples)
 
+    def drop(self, name: str) -> None:
+        """Forget a layer (its sums and counts); its factors are no longer reported."""
+        for store in (self.layers, self._in, self._grad, self._rows_in, self.num_samples):
+            store.pop(name, None)
+
     def all_reduce(self) -> None:
         """Sum the running sums and counts over all ``torch.distributed`` processes.
 

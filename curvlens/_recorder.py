@@ -8,6 +8,7 @@ on its recording steps.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -29,11 +30,15 @@ class StepRecorder:
         loss_fn: the training loss (its reduction sets the per-sample scale of ``dL/dy``).
         top_k: singular values kept per layer and step.
         check_finite: check the gradients for NaN/Inf before recording.
+        memory_budget: bytes one dense factor side may take (see :mod:`curvlens._budget`).
 
     Attributes:
         gradient_spectra: ``{layer: [(step, sigma [k]), ...]}``.
         accumulator: the running factor sums since the last :meth:`reset_running`.
         recorded_factor_steps: recorded steps that added to the running factors.
+        skipped: ``{layer: reason}``: layers whose recording failed (an allocation the memory
+            budget refused, a numerical failure); each is warned about once and not recorded
+            again, so the training loop never fails inside the lens for them.
     """
 
     def __init__(
@@ -43,19 +48,30 @@ class StepRecorder:
         *,
         top_k: int,
         check_finite: bool,
+        memory_budget: int | float | str | None = None,
     ) -> None:
         self.layers = dict(layers)
         self.loss_fn = loss_fn
         self.top_k = top_k
         self.check_finite = check_finite
+        self.memory_budget = memory_budget
         self.gradient_spectra: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in self.layers}
-        self.accumulator = FactorAccumulator(self.layers)
-        self.recorded_factor_steps = 0
+        self.skipped: dict[str, str] = {}
+        self.reset_running()
 
     def reset_running(self) -> None:
         """Forget the running factor sums (the spectra stay)."""
-        self.accumulator = FactorAccumulator(self.layers)
+        kept = {n: i for n, i in self.layers.items() if n not in self.skipped}
+        self.accumulator = FactorAccumulator(kept, memory_budget=self.memory_budget)
         self.recorded_factor_steps = 0
+
+    def _skip(self, name: str, step: int, err: Exception) -> None:
+        """Stop recording ``name`` after a failure: warn once, keep the reason."""
+        reason = (f"layer {name!r}: recording failed at step {step} ({type(err).__name__}: "
+                  f"{err}); the lens no longer records it (training goes on)")
+        self.skipped[name] = reason
+        self.accumulator.drop(name)
+        warnings.warn(reason, RuntimeWarning, stacklevel=4)
 
     def record(self, step: int, capture: Capture | None) -> None:
         """Record the current gradients (and ``capture``'s pairs, if given) as step ``step``.
@@ -84,26 +100,33 @@ class StepRecorder:
                     "inputs, or clip gradients"
                 )
         for name, G in grads.items():
-            self.gradient_spectra[name].append((step, _top_singular_values(G, self.top_k)))
+            if name in self.skipped:
+                continue
+            try:
+                self.gradient_spectra[name].append((step, _top_singular_values(G, self.top_k)))
+            except Exception as err:  # noqa: BLE001 - never fail the training loop
+                self._skip(name, step, err)
         if capture is not None:
             self._accumulate(capture, step)
 
     def _accumulate(self, capture: Capture, step: int) -> None:
         added = False
         for name, record in capture.records.items():
-            for x, g in record.pairs():
-                batch = int(x.shape[0]) if x.dim() > 0 else 1
-                if g.dtype in (torch.float16, torch.bfloat16):  # sums of squares overflow in half
-                    x = x.float() if x.is_floating_point() else x
-                    g = g.float()
-                self.accumulator.add_inputs(name, x)
-                try:
+            if name in self.skipped:
+                continue
+            try:
+                for x, g in record.pairs():
+                    batch = int(x.shape[0]) if x.dim() > 0 else 1
+                    if g.dtype in (torch.float16, torch.bfloat16):  # squares overflow in half
+                        x = x.float() if x.is_floating_point() else x
+                        g = g.float()
+                    self.accumulator.add_inputs(name, x)
                     self.accumulator.add_grads(
                         name, g, scale=batch_scale(self.loss_fn, batch), samples=batch
                     )
-                except RuntimeError as err:
-                    raise RuntimeError(f"{err} (at training step {step})") from None
-                added = True
+                    added = True
+            except Exception as err:  # noqa: BLE001 - never fail the training loop
+                self._skip(name, step, err)
         self.recorded_factor_steps += int(added)
 
 
@@ -129,5 +152,5 @@ def _top_singular_values(G: Tensor, k: int) -> Tensor:
     k = min(k, *G.shape)
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
     if min(G.shape) <= GRAM_LIMIT:
-        return gram_singular_values(work, k).clone()
+        return gram_singular_values(work, k)
     return gradient_svd(work, k, method="subspace" if 4 * k < min(G.shape) else "dense")[1]

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._budget import resolve_budget
 from curvlens._modes import measurement_mode
 from curvlens._options import parse_option
 from curvlens._recorder import NoCapture, StepRecorder
@@ -108,6 +109,12 @@ class CurvatureLens:
             :func:`curvlens.analysis.analyze_model` (e.g. ``{"bootstrap": 0}``).
         check_finite: check the recorded gradients for NaN/Inf (one host sync per recording
             step).
+        memory_budget: bytes one large allocation may take (a dense factor side, a Lanczos
+            basis, a chunk of Hessian-vector-product directions): an int, a string such as
+            ``"2GB"``, or ``None`` for a quarter of the available memory capped at 4 GiB (see
+            :mod:`curvlens._budget`). Larger factor sides are sketched, larger Lanczos bases
+            restarted; what cannot fit at all is refused by name. A layer whose recording fails
+            in :meth:`step` is skipped with one warning (reason in :attr:`skipped_layers`).
 
     Attributes:
         history: every :class:`~curvlens.analysis.Report` of :meth:`analyze`, oldest first.
@@ -134,6 +141,7 @@ class CurvatureLens:
         lanczos_k: int | None = None,
         analyze_options: Mapping[str, Any] | None = None,
         check_finite: bool = True,
+        memory_budget: int | float | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -166,8 +174,16 @@ class CurvatureLens:
         self.num_steps = 0
         self._capture: Capture | NoCapture | None = None
         self._paused = False
+        self.memory_budget = memory_budget
+        resolve_budget(memory_budget)  # validated at construction
         self._recorder = StepRecorder(self.layers, loss_fn, top_k=self.top_k,
-                                      check_finite=self.check_finite)
+                                      check_finite=self.check_finite, memory_budget=memory_budget)
+
+    @property
+    def skipped_layers(self) -> dict[str, str]:
+        """``{layer: reason}`` of layers whose recording failed in :meth:`step` (not recorded
+        since; the training loop went on)."""
+        return dict(self._recorder.skipped)
 
     # ----------------------------------------------------------------- context manager
     @property

@@ -68,3 +68,31 @@ def test_block_eigenvalues_refused_before_allocation_names_the_layer():
     with pytest.raises(MemoryBudgetError, match=r"layer '2'.*Lanczos for 5 eigenvalues.*"
                                                 r"memory_budget.*lower lanczos_k"):
         block_eigenvalues(model, loss_fn, x, y, "2", 5, memory_budget=8 * 36 * 6)
+
+
+def test_lens_step_skips_a_layer_whose_recording_fails_and_training_goes_on():
+    import warnings
+
+    from curvlens.lens import CurvatureLens
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 4), nn.Tanh(), nn.Linear(4, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    # a dense 300 x 300 input side does not fit 2000 bytes, nor does its sketch
+    lens = CurvatureLens(model, loss_fn, top_k=3, every=1, memory_budget=2000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught, lens:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss_fn(model(torch.randn(8, 300)), torch.randint(0, 3, (8,))).backward()
+            lens.step()
+            opt.step()
+            opt.zero_grad()
+    mine = [w for w in caught if "recording failed" in str(w.message)]
+    assert len(mine) == 1 and "layer '0'" in str(mine[0].message)
+    assert list(lens.skipped_layers) == ["0"]
+    assert "MemoryBudgetError" in lens.skipped_layers["0"]
+    assert "memory_budget" in lens.skipped_layers["0"]
+    factors = lens.running_factors()
+    assert list(factors) == ["2"] and factors["2"].num_samples == 24
+    assert [s for s, _ in lens.gradient_spectra["2"]] == [0, 1, 2]
