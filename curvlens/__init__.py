@@ -1,10 +1,10 @@
 """curvlens: layer-by-layer curvature of neural networks while they train.
 
 The public API, grouped by what it is for (data flows top to bottom). See README.md for a tour
-and shared/SPEC.md for the definition of every quantity.
+and the documentation (docs/) for the definition of every quantity.
 """
 
-from curvlens import spectra  # the other seeds' spectral tools, as a subpackage
+from curvlens import spectra  # spectral tools from companion papers, as a subpackage
 from curvlens.analysis import analyze_layer, analyze_model
 from curvlens.callbacks import LensCallback
 from curvlens.fit import (
@@ -87,6 +87,6 @@ __all__ = [
     # optimizer
     "SpectralNewton",
     "split_parameters",
-    # spectral tools from the other seed papers (a subpackage)
+    # spectral tools from companion papers (a subpackage)
     "spectra",
 ]

@@ -1,6 +1,6 @@
 """``curvlens demo``: a digits CNN trained with the lens attached, a report every epoch.
 
-The run follows shared/SPEC.md section 1: :class:`~curvlens.lens.CurvatureLens` in the training
+The run is the lens's intended use: :class:`~curvlens.lens.CurvatureLens` in the training
 loop (``step()`` after each backward), :meth:`~curvlens.lens.CurvatureLens.analyze` on a fixed
 batch of training images after each epoch, the per-layer table printed, and the run written as
 JSON (every epoch), JSON (last epoch), CSV and PNG figures. With ``optimizer="spectral-newton"``
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlens._progress import progress_bar, progress_write
 from curvlens._tasks import DigitsCNN, digits_data
 from curvlens.lens import CurvatureLens
 from curvlens.report import plot, save_reports, table, to_csv, to_json
@@ -29,7 +30,7 @@ __all__ = ["DemoOptimizer", "DemoResult", "run_demo"]
 
 class DemoOptimizer(str, Enum):
     ADAMW = "adamw"
-    SPECTRAL_NEWTON = "spectral-newton"
+    NEWTON = "spectral-newton"
 
 
 @dataclass
@@ -53,21 +54,13 @@ def _optimizer(kind: DemoOptimizer, model: nn.Module, lens: CurvatureLens,
 
 
 def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kwargs)
+    return progress_bar(iterable, enabled=enabled, **kwargs)
 
 
 def _write(printer: Callable[[str], Any] | None, progress: bool) -> Callable[[str], Any]:
     if printer is not None:
         return printer
-    if progress:
-        from tqdm.auto import tqdm
-
-        return tqdm.write
-    return print
+    return progress_write if progress else print
 
 
 def run_demo(
@@ -132,7 +125,7 @@ def run_demo(
     say(f"curvlens demo: digits CNN, {len(y_train)} training / {len(data.y_test)} test images, "
         f"{kind.value}, {epochs} epochs, analysis on {len(y_fixed)} fixed training images")
     with lens:
-        if kind is DemoOptimizer.SPECTRAL_NEWTON:  # alpha="auto" needs a first measurement
+        if kind is DemoOptimizer.NEWTON:  # alpha="auto" needs a first measurement
             lens.analyze(x_fixed, y_fixed, epoch=-1)
         for epoch in range(epochs):
             model.train()

@@ -1,5 +1,5 @@
 """Small wrappers over ``torch.distributed`` so measurements on P processes equal one process
-on the union of their batches (shared/SPEC.md section 5).
+on the union of their batches.
 
 Every function is a no-op when no process group is initialized, so single-process code pays
 nothing and needs no branches.

@@ -1,7 +1,7 @@
 """The loss of a model as a function of some of its parameters, with input checks.
 
 Shared plumbing of :mod:`curvlens.hessian`: the batch's loss ``L = loss_fn(model(*inputs),
-targets)`` (a mean over the batch, shared/SPEC.md notation), evaluated either on the module's own
+targets)`` (a mean over the batch), evaluated either on the module's own
 parameters (for double backward) or with some parameters replaced through
 ``torch.func.functional_call`` (for forward-mode transforms). Tied parameters are handled by
 identity: a tensor shared by several modules appears once, and replacing it replaces every use.

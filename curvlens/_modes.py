@@ -1,8 +1,8 @@
 """Measurement hygiene: deterministic forward passes while curvlens measures a model.
 
 Curvature is measured on a fixed batch with a fixed function: dropout must be off and batch-norm
-must use (and not update) its running statistics, as in the main paper's protocol (seed 001;
-shared/SPEC.md s. 2.2). :func:`measurement_mode` switches exactly the modules whose behaviour
+must use (and not update) its running statistics, as in the main paper's protocol (Calvo,
+2026, arXiv:2606.02596). :func:`measurement_mode` switches exactly the modules whose behaviour
 depends on ``module.training`` in that way and restores every flag afterwards, also on errors.
 """
 

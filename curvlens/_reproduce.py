@@ -1,4 +1,4 @@
-"""``curvlens reproduce``: the paper-style table across several architectures (SPEC section 8).
+"""``curvlens reproduce``: the paper-style table across several architectures and data sets.
 
 Trains each task briefly, analyzes every supported layer on a fixed batch with
 :class:`~curvlens.lens.CurvatureLens`, and prints one row per layer (alpha, gamma, s,

@@ -8,8 +8,8 @@
 * ``teacher``: a controlled synthetic regression task: Gaussian inputs with a power-law
   covariance, targets from a random two-layer tanh teacher plus noise; an MLP student.
 
-These are the architectures of shared/SPEC.md section 8 (reproducing the table of Calvo, 2026,
-arXiv:2606.02596, on data that needs no download).
+Together they reproduce the per-layer table of Calvo, 2026, arXiv:2606.02596, on data that needs
+no download.
 """
 
 from __future__ import annotations

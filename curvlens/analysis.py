@@ -1,9 +1,9 @@
 r"""The paper's per-layer quantities: exponents, the transfer identity, the alpha budget.
 
 Implements the measurement protocol of "Spectral Asymptotics of Neural Network Loss Landscapes:
-An Exact Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596) as
-shared/SPEC.md section 2 (items 4 to 7) defines it. Over the top-``K`` window of the gradient's
-singular values ``sigma_k`` and the exact directional curvatures ``h_k``:
+An Exact Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596). Over the
+top-``K`` window of the gradient's singular values ``sigma_k`` and the exact directional curvatures
+``h_k``:
 
 * ``alpha``: slope of ``log h_k`` on ``log sigma_k`` (k with ``h_k > 0``); also over ``k >= 2``
   (``h_1`` has high leverage), Theil-Sen, bootstrap CI, and above the half-batch noise floor;
@@ -19,7 +19,8 @@ singular values ``sigma_k`` and the exact directional curvatures ``h_k``:
 (``sigma_k > tol * sigma_1``, ``tol = max(m, n) * eps`` of the input's dtype), because a zero
 singular value has no logarithm and a round-off one (1e-8 for a 10-class head, whose gradient has
 rank 9) dominates a log-log fit. ``paper_compatible=True`` keeps every ``k`` of the window, as the
-paper did; it reproduces shared/reference/spectral-alignment/ to 1e-9.
+paper did; it reproduces the paper's published per-layer results
+(``tests/data/spectral_alignment``) to 1e-9.
 
 Every undefined quantity is NaN with its reason in ``LayerReport.nan_reasons`` and ``warnings``.
 """
@@ -214,7 +215,7 @@ def analyze_layer(
 
 
 def _weight_tail(v: dict, ex: _Explain, weight: Tensor | None, name: str) -> None:
-    """``weight_alpha``: CSN tail exponent of the weight's ESD (seed 002)."""
+    """``weight_alpha``: CSN tail exponent of the weight's ESD (see ``spectra.weight_tails``)."""
     if weight is None:
         ex.nan(["weight_alpha"], "no weight passed to analyze_layer")
         return

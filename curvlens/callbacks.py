@@ -7,6 +7,10 @@
   defined on first access when ``lightning`` or ``pytorch_lightning`` imports, so importing
   curvlens never imports Lightning.
 
+Both log every report's per-layer exponents (:func:`report_scalars`): :class:`LensCallback` to
+TensorBoard when given ``tensorboard=`` (a ``SummaryWriter`` or a log directory), the Lightning
+callback through the trainer's loggers (``TensorBoardLogger`` by default).
+
 The measurements are those of "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact
 Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596), see
 :mod:`curvlens.lens`.
@@ -31,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,8 +46,33 @@ import torch
 from torch import Tensor
 
 from curvlens.lens import CurvatureLens
+from curvlens.report import median_transfer_error
+from curvlens.results import Report
 
-__all__ = ["LensCallback"]  # LightningLensCallback: module attribute, defined on access
+__all__ = ["LensCallback", "report_scalars", "SCALAR_FIELDS"]
+# LightningLensCallback: module attribute, defined on access
+
+#: Per-layer fields logged by the callbacks, as ``curvlens/<field>/<layer>``.
+SCALAR_FIELDS = ("alpha", "gamma", "s_rayleigh", "s_lanczos", "predicted_s",
+                 "transfer_error_rayleigh", "transfer_error_lanczos")
+
+
+def report_scalars(report: Report) -> dict[str, float]:
+    """A report's per-layer exponents as flat scalars for loggers (finite values only).
+
+    Keys are ``curvlens/<field>/<layer>`` for every field of :data:`SCALAR_FIELDS` and
+    ``curvlens/median_transfer_error`` over the layers; undefined (NaN) values are left out.
+
+    Example:
+        >>> from curvlens.results import LayerReport, Report
+        >>> rep = Report(layers={"fc": LayerReport(name="fc", alpha=2.0, gamma=0.5)})
+        >>> report_scalars(rep)
+        {'curvlens/alpha/fc': 2.0, 'curvlens/gamma/fc': 0.5}
+    """
+    out = {f"curvlens/{field}/{name}": float(getattr(rep, field))
+           for field in SCALAR_FIELDS for name, rep in report.layers.items()}
+    out["curvlens/median_transfer_error"] = median_transfer_error(report)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 class LensCallback:
@@ -58,6 +88,10 @@ class LensCallback:
             ``out_dir/run.json`` after each analysis.
         printer: the function that prints tables (default ``print``; a tqdm loop may pass
             ``tqdm.write``).
+        tensorboard: log :func:`report_scalars` of every report at its training step: a
+            ``torch.utils.tensorboard.SummaryWriter`` (the caller closes it) or a log directory
+            (a writer the callback opens at ``on_train_begin`` and closes at ``on_train_end``;
+            needs the ``tensorboard`` package).
     """
 
     def __init__(
@@ -69,6 +103,7 @@ class LensCallback:
         print_table: bool = False,
         out_dir: str | os.PathLike | None = None,
         printer: Callable[[str], Any] = print,
+        tensorboard: Any | str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(lens, CurvatureLens):
             raise TypeError(f"lens must be a CurvatureLens, got {type(lens).__name__}")
@@ -84,9 +119,23 @@ class LensCallback:
         self.print_table = print_table
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.printer = printer
+        if tensorboard is not None and not isinstance(tensorboard, (str, os.PathLike)) \
+                and not callable(getattr(tensorboard, "add_scalar", None)):
+            raise TypeError("tensorboard must be a SummaryWriter or a log directory, got "
+                            f"{type(tensorboard).__name__}")
+        self.tensorboard = tensorboard
+        self._writer: Any = None
+        self._own_writer = False
 
     def on_train_begin(self) -> None:
-        """Register the lens's hooks."""
+        """Register the lens's hooks (and open the TensorBoard writer of a log directory)."""
+        if isinstance(self.tensorboard, (str, os.PathLike)) and self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=os.fspath(self.tensorboard))
+            self._own_writer = True
+        elif self.tensorboard is not None:
+            self._writer = self.tensorboard
         self.lens.__enter__()
 
     def on_after_backward(self) -> None:
@@ -107,11 +156,19 @@ class LensCallback:
             from curvlens.report import save_reports
 
             save_reports(self.lens.history, self.out_dir / "run.json")
+        if self._writer is not None:
+            step = report.step if report.step is not None else epoch
+            for tag, value in report_scalars(report).items():
+                self._writer.add_scalar(tag, value, global_step=step)
+            self._writer.flush()
         return report
 
     def on_train_end(self) -> None:
         """Remove the lens's hooks (also call it from an ``except``/``finally``)."""
         self.lens.close()
+        if self._own_writer and self._writer is not None:
+            self._writer.close()
+            self._writer, self._own_writer = None, False
 
     def __enter__(self) -> LensCallback:
         self.on_train_begin()
@@ -144,8 +201,10 @@ def _make_lightning_callback() -> type:
 
         The lens is built in ``setup`` on the LightningModule (so ``layers`` are its qualified
         names), entered at ``on_fit_start``, stepped in ``on_after_backward``, used for an
-        analysis of ``fixed_batch`` at every ``on_train_epoch_end`` (alphas logged as
-        ``curvlens/alpha/<layer>``), and closed at ``on_fit_end`` or on an exception.
+        analysis of ``fixed_batch`` at every ``on_train_epoch_end``, and closed at ``on_fit_end``
+        or on an exception. Every report's :func:`report_scalars` (``curvlens/alpha/<layer>``,
+        ``curvlens/gamma/<layer>``, ...) go to the trainer's loggers through
+        ``LightningModule.log_dict`` (with a ``TensorBoardLogger``, to TensorBoard).
 
         Args:
             loss_fn: the loss of the training step, ``loss_fn(module(*inputs), targets)``.
@@ -186,8 +245,7 @@ def _make_lightning_callback() -> type:
             with torch.enable_grad():
                 report = self.lens.analyze(inputs, targets.to(device),
                                            epoch=trainer.current_epoch)
-            pl_module.log_dict({f"curvlens/alpha/{name}": float(rep.alpha)
-                                for name, rep in report.layers.items()})
+            pl_module.log_dict(report_scalars(report))
             if self.print_table:
                 from curvlens.report import table
 

@@ -3,9 +3,9 @@
 Subcommands:
 
 * ``curvlens demo``: train a small CNN on scikit-learn's digits with the lens attached, print the
-  per-layer report after each epoch, write JSON, CSV and PNGs (shared/SPEC.md section 1);
+  per-layer report after each epoch, write JSON, CSV and PNGs;
 * ``curvlens report RUN.json``: render a saved report or run (table, optional plots and CSV);
-* ``curvlens reproduce``: the paper-style table across several architectures (section 8);
+* ``curvlens reproduce``: the paper-style table across several architectures and data sets;
 * ``curvlens spectra ...``: the spectral tools of :mod:`curvlens.spectra`, when available.
 
 The measurements are those of Calvo (2026), arXiv:2606.02596.

@@ -283,8 +283,8 @@ def fit_rank_decay(
 def participation_ratio(x: Tensor | Sequence[float]) -> float:
     r"""Participation ratio :math:`(\sum_k x_k)^2 / \sum_k x_k^2` of the positive entries.
 
-    Non-positive and non-finite entries are left out (SPEC 2.7: PR is taken on positive
-    curvatures / eigenvalues). It lies in ``[1, #positive]``.
+    Non-positive and non-finite entries are left out (PR is taken on positive curvatures /
+    eigenvalues). It lies in ``[1, #positive]``.
 
     Args:
         x: [n] e.g. directional curvatures ``h_k`` or Hessian eigenvalues.

@@ -1,10 +1,11 @@
 r"""Exact Hessian-vector products of a model's loss: one layer block or all parameters.
 
-Notation of shared/SPEC.md: a layer's weight is an ``m x n`` matrix ``W`` (conv: ``flatten(1)``),
+Notation: a layer's weight is an ``m x n`` matrix ``W`` (conv: ``flatten(1)``),
 ``L`` the mean loss over a fixed batch, ``H_WW`` the diagonal Hessian block of ``W`` (all other
-parameters held fixed), ``D_k = u_k v_k^T``. The main paper (seed 001, "spectral alignment")
-measures the directional curvature ``h_k = vec(D_k)^T H_WW vec(D_k)`` along the gradient's
-singular directions; this module computes it exactly, never by finite differences:
+parameters held fixed), ``D_k = u_k v_k^T``. The main paper ("Spectral Asymptotics of Neural
+Network Loss Landscapes: An Exact Decomposition of the Curvature Exponent", Calvo, 2026,
+arXiv:2606.02596) measures the directional curvature ``h_k = vec(D_k)^T H_WW vec(D_k)`` along the
+gradient's singular directions; this module computes it exactly, never by finite differences:
 
 * products ``H v`` by double backward: the gradient graph is built once and every product is one
   more backward pass (``is_grads_batched`` for several vectors at once);

@@ -1,6 +1,6 @@
 r"""Kronecker factors of a layer's curvature: ``C_A = E[a a^T]`` and ``C_delta = E[delta delta^T]``.
 
-Definitions (shared/SPEC.md 2.3; K-FAC of Martens & Grosse 2015, KFC of Grosse & Martens 2016):
+Definitions (K-FAC of Martens & Grosse 2015, KFC of Grosse & Martens 2016):
 for a batch of ``B`` samples and a loss ``L = (1/B) sum_i l_i``,
 
 * ``a`` are the layer's input-side rows: inputs of a Linear layer, unfolded patches of a conv

@@ -1,8 +1,8 @@
 r"""CurvatureLens: per-layer curvature measured inside the training loop the user already has.
 
 The lens implements the measurement protocol of "Spectral Asymptotics of Neural Network Loss
-Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596;
-shared/SPEC.md section 1) as a context manager around training:
+Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596)
+as a context manager around training:
 
 * ``with lens:`` registers one forward hook per measured layer (a
   :class:`~curvlens.hooks.Capture`) and removes every hook on exit, also when the body raises;

@@ -1,6 +1,6 @@
 r"""Rank-profile models of a spectrum, compared by BIC: power law, exponential, log-normal.
 
-shared/SPEC.md 2.6, after "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact
+After "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact
 Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596), whose model-fit
 comparison asks whether the gradient's singular values decay like a power of the rank at all:
 

@@ -2,7 +2,7 @@ r"""Rendering a :class:`~curvlens.results.Report`: the per-layer table, JSON, CS
 
 The table shows, per layer, the quantities of the transfer identity ``s = alpha * gamma`` of
 "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition of the Curvature
-Exponent" (Calvo, 2026, arXiv:2606.02596; shared/SPEC.md section 1): the curvature exponent
+Exponent" (Calvo, 2026, arXiv:2606.02596): the curvature exponent
 ``alpha``, the gradient rank-decay exponent ``gamma``, the measured curvature decay ``s`` (from
 the sorted ``h_k``), the prediction ``alpha * gamma`` and its relative error, the participation
 ratio, the zeta bound and the BIC rank-profile winner, with a summary line per layer type.

@@ -4,7 +4,7 @@ Plain dataclasses (numbers, lists of floats, small dicts) so that tables, JSON/C
 (:mod:`curvlens.report`) can be built on them; ``to_dict`` / ``from_dict`` round-trip losslessly
 through JSON (NaN included). The quantities are those of "Spectral Asymptotics of Neural Network
 Loss Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026,
-arXiv:2606.02596) as shared/SPEC.md sections 1 and 2 define them; :mod:`curvlens.analysis`
+arXiv:2606.02596), defined in the documentation's method page; :mod:`curvlens.analysis`
 computes them.
 """
 
@@ -32,7 +32,7 @@ def _nan_pair() -> tuple[float, float]:
 
 @dataclass
 class LayerReport:
-    """Everything curvlens measured on one layer (shared/SPEC.md section 1).
+    """Everything curvlens measured on one layer.
 
     Plain data: numbers, lists of floats, small dicts. NaN marks an undefined quantity and
     ``nan_reasons[field]`` says why. Per-direction lists are indexed by ``k - 1`` over the

@@ -22,7 +22,7 @@ def _sym(spectrum: torch.Tensor, seed: int) -> torch.Tensor:
     return (Q * spectrum) @ Q.T
 
 
-SPECTRA = {
+EIGENVALUE_CASES = {
     "power_law": lambda: torch.arange(1, 201, dtype=DT) ** -1.5,
     "indefinite": lambda: torch.linspace(-3, 5, 150, dtype=DT) ** 3,
     "low_rank": lambda: torch.cat([torch.tensor([9.0, 4.0, 1.0], dtype=DT), torch.zeros(97)]),
@@ -42,7 +42,7 @@ LANCZOS_CASES = [("power_law", "largest"), ("low_rank", "largest"),
 
 @pytest.mark.parametrize("name,which", LANCZOS_CASES)
 def test_lanczos_matches_eigvalsh(name, which):
-    spectrum = SPECTRA[name]()
+    spectrum = EIGENVALUE_CASES[name]()
     A = _sym(spectrum, seed=1)
     exact = torch.linalg.eigvalsh(A)  # ascending
     k = 3
@@ -61,14 +61,14 @@ def test_lanczos_matches_eigvalsh(name, which):
 def test_lanczos_repeated_top_eigenvalue_is_found_once():
     """Single-vector Krylov limitation (as ARPACK): a repeated eigenvalue that converges before
     the space is exhausted appears once; its value is still exact."""
-    A = _sym(SPECTRA["repeated_top"](), seed=1)
+    A = _sym(EIGENVALUE_CASES["repeated_top"](), seed=1)
     vals = lanczos(lambda v: A @ v, 30, 2, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(vals[0], torch.tensor(2.0, dtype=DT), rtol=1e-10, atol=0)
     assert float(vals[1]) <= 2.0 + 1e-10
 
 
 def test_lanczos_stops_early_and_counts():
-    A = _sym(SPECTRA["power_law"](), seed=3)
+    A = _sym(EIGENVALUE_CASES["power_law"](), seed=3)
     calls = []
 
     def matvec(v):
@@ -80,7 +80,7 @@ def test_lanczos_stops_early_and_counts():
 
 
 def test_lanczos_deterministic_given_generator_and_float32():
-    A = _sym(SPECTRA["indefinite"](), seed=4)
+    A = _sym(EIGENVALUE_CASES["indefinite"](), seed=4)
     run = [lanczos(lambda v: A @ v, 150, 4, generator=torch.Generator().manual_seed(5))
            for _ in range(2)]
     assert torch.equal(run[0], run[1])
@@ -106,7 +106,7 @@ def test_lanczos_warns_when_not_converged_and_checks_inputs():
 
 
 def test_lanczos_v0_start():
-    A = _sym(SPECTRA["power_law"](), seed=7)
+    A = _sym(EIGENVALUE_CASES["power_law"](), seed=7)
     v0 = torch.ones(200, dtype=DT)
     vals = lanczos(lambda v: A @ v, 200, 2, v0=v0)
     torch.testing.assert_close(vals, torch.linalg.eigvalsh(A).flip(0)[:2], rtol=1e-8, atol=0)
@@ -114,7 +114,7 @@ def test_lanczos_v0_start():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lanczos_on_cuda():
-    A = _sym(SPECTRA["indefinite"](), seed=8).cuda()
+    A = _sym(EIGENVALUE_CASES["indefinite"](), seed=8).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
     vals = lanczos(lambda v: A @ v, 150, 3, generator=g, device="cuda")
     assert vals.device.type == "cuda"
@@ -209,7 +209,7 @@ def test_lanczos_long_run_grows_basis_and_is_exact_at_full_dimension():
 ])
 def test_thick_restart_matches_eigvalsh_within_a_bounded_basis(name, which, k, max_basis,
                                                                monkeypatch):
-    A = _sym(SPECTRA[name](), seed=21)
+    A = _sym(EIGENVALUE_CASES[name](), seed=21)
     exact = torch.linalg.eigvalsh(A)
     widest = []
 
@@ -238,7 +238,7 @@ def test_thick_restart_matches_eigvalsh_within_a_bounded_basis(name, which, k, m
 
 
 def test_thick_restart_float32_basis_and_bad_max_basis():
-    A = _sym(SPECTRA["power_law"](), seed=22).float()
+    A = _sym(EIGENVALUE_CASES["power_law"](), seed=22).float()
     vals = lanczos(lambda v: A @ v, 200, 4, dtype=torch.float32, max_basis=8, num_iter=2000,
                    generator=torch.Generator().manual_seed(0))
     assert vals.dtype == torch.float32

@@ -146,7 +146,8 @@ def test_slopes_on_exact_theory_curve():
 @pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_p2_log_correction_recovers_exponent(alpha):
-    """Seed 000: p = 2 spectra decay as (log(j+1)/j)^alpha; the raw slope misses alpha."""
+    """Paquette, Xiao & Zhu (arXiv:2603.14578): p = 2 spectra decay as (log(j+1)/j)^alpha;
+    the raw slope misses alpha."""
     w, h = _power_law_sketch(12000, 1000, alpha, seed=0)
     s = rf_slopes(random_feature_spectrum(w, h, 2), 2, j_min=2, j_max=300)
     assert abs(s.corrected_slope + alpha) <= 0.15 * alpha

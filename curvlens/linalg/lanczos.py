@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from curvlens._options import parse_option
+from curvlens._progress import progress_bar
 
 __all__ = ["Which", "lanczos", "lanczos_tridiagonal"]
 
@@ -331,6 +332,4 @@ def _wanted(j: int, k: int, which: Which) -> Tensor:
 def _progress_bar(progress: bool, total: int):
     if not progress:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="lanczos", unit="matvec", leave=False)
+    return progress_bar(total=total, desc="lanczos", unit="matvec", leave=False)

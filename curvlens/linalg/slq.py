@@ -11,7 +11,7 @@ the moments ``sum_i w_i theta_i^p = q^T A^p q`` for ``p < 2m`` exactly.
 References: G. H. Golub and G. Meurant, *Matrices, Moments and Quadrature* (2010); L. Lin, Y. Saad,
 C. Yang, "Approximating spectral densities of large matrices", SIAM Review (2016); B. Ghorbani,
 S. Krishnan, Y. Xiao, "An investigation into neural net optimization via Hessian eigenvalue
-density", ICML (2019). Part of the Hessian engine of curvlens (shared/SPEC.md s. 3).
+density", ICML (2019). Part of the Hessian engine of curvlens.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlens._progress import progress_bar
 from curvlens.linalg.lanczos import lanczos_tridiagonal
 from curvlens.linalg.trace import Probe, random_probes
 
@@ -101,9 +102,7 @@ def slq_quadrature(
     weights = torch.zeros(num_probes, m, dtype=dtype, device=device)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_probes, desc="slq", unit="probe", leave=False)
+        bar = progress_bar(total=num_probes, desc="slq", unit="probe", leave=False)
     try:
         for p in range(num_probes):
             alpha, beta = lanczos_tridiagonal(matvec, probes[p], m)

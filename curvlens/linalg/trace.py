@@ -6,7 +6,7 @@ the sample standard deviation over ``sqrt(N)``. Rademacher probes give the small
 ``2 (||A||_F^2 - sum_i A_ii^2)``.
 
 Reference: M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
-Laplacian smoothing splines" (1989). Part of the Hessian engine of curvlens (shared/SPEC.md s. 3).
+Laplacian smoothing splines" (1989). Part of the Hessian engine of curvlens.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from curvlens._options import parse_option
+from curvlens._progress import progress_bar
 
 __all__ = ["Probe", "TraceEstimate", "hutchinson_trace", "random_probes"]
 
@@ -117,9 +118,7 @@ def hutchinson_trace(
     step = batch_size or 1
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_samples, desc="hutchinson", unit="probe", leave=False)
+        bar = progress_bar(total=num_samples, desc="hutchinson", unit="probe", leave=False)
     quad = []
     try:
         for start in range(0, num_samples, step):

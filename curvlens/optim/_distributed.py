@@ -2,7 +2,7 @@ r"""Spreading SpectralNewton's per-layer matrix work over ``torch.distributed`` 
 
 Under data parallelism (DDP) every rank holds the same parameters and, after the gradient
 all-reduce, the same gradients, so every rank would compute the same ``U diag(T(sigma)) V^T``
-for every layer (shared/SPEC.md section 5). Instead each matrix parameter gets one owner rank
+for every layer. Instead each matrix parameter gets one owner rank
 (:func:`assign_owners`), only the owner computes its update, and :func:`broadcast_updates` sends
 each rank's updates to all others, one flat broadcast per rank and dtype, as in the
 distributed Muon and Shampoo implementations. Momentum buffers and the element-wise AdamW part

@@ -1,9 +1,10 @@
 r"""Spectral Newton maths as pure functions (no optimizer state, keyword-only options).
 
-The main paper (shared/seeds/001, "Spectral Asymptotics of Neural Network Loss Landscapes: An
-Exact Decomposition of the Curvature Exponent") measures, per layer, ``h_k ~ sigma_k^alpha`` for the
-directional curvature along the gradient's singular directions ``D_k = u_k v_k^T``. A Newton step in
-that basis divides each singular value by its curvature; with damping ``d`` this is the transform
+The main paper ("Spectral Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition
+of the Curvature Exponent", Calvo, 2026, arXiv:2606.02596) measures, per layer,
+``h_k ~ sigma_k^alpha`` for the directional curvature along the gradient's singular directions
+``D_k = u_k v_k^T``. A Newton step in that basis divides each singular value by its curvature;
+with damping ``d`` this is the transform
 
 .. math::
     T(\sigma; \alpha) = \frac{\sigma}{\sigma^\alpha + d},

@@ -1,7 +1,8 @@
 r"""SpectralNewton: ``T(sigma; alpha)`` applied in the singular basis of the momentum, per layer.
 
-Implements the proof-of-concept optimizer of the main paper (shared/seeds/001, "Spectral
-Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition of the Curvature Exponent"):
+Implements the proof-of-concept optimizer of the main paper ("Spectral Asymptotics
+of Neural Network Loss Landscapes: An Exact Decomposition of the Curvature Exponent", Calvo, 2026,
+arXiv:2606.02596):
 for a layer whose directional curvature scales as ``h_k ~ sigma_k^alpha``, a damped Newton step in
 the gradient's singular basis is ``U diag(sigma / (sigma^alpha + d)) V^T``. The maths lives in
 :mod:`curvlens.optim._functional`; this module holds the ``torch.optim.Optimizer`` around it.
@@ -171,7 +172,7 @@ class SpectralNewton(torch.optim.Optimizer):
         distributed: when a ``torch.distributed`` process group with more than one process is
             initialized, give each spectral parameter an owner rank (round-robin by size,
             :func:`~curvlens.optim._distributed.assign_owners`), compute its update only
-            there and broadcast it (shared/SPEC.md section 5). Gradients must already be
+            there and broadcast it. Gradients must already be
             all-reduced (DDP does this), so every rank keeps identical parameters and state.
             ``False``: every rank computes every update.
 

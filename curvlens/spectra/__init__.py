@@ -1,5 +1,5 @@
 """Spectral tools from the companion papers: weight tails, random features, free decompression,
-ridge asymptotics (SPEC section 7). Each is a small exact function on a weight, a covariance or a
+ridge asymptotics. Each is a small exact function on a weight, a covariance or a
 spectrum; see the module docstrings for the papers and conventions."""
 
 from curvlens.spectra.decompress_model import (
@@ -52,7 +52,7 @@ from curvlens.spectra.weight_tails import (
 )
 
 __all__ = [
-    # weight-spectrum tails (seed 002, WeightWatcher)
+    # weight-spectrum tails (heavy-tailed self-regularization, WeightWatcher)
     "Normalization",
     "PowerLawTail",
     "WeightTailStats",
@@ -62,14 +62,14 @@ __all__ = [
     "weight_tail_stats",
     "model_weight_tails",
     "format_weight_tails",
-    # random-feature covariance spectra (seed 000)
+    # random-feature covariance spectra
     "RFSlopes",
     "feature_gram",
     "random_feature_covariance",
     "random_feature_spectrum",
     "rf_theory_curve",
     "rf_slopes",
-    # free decompression (seed 003)
+    # free decompression
     "DecompressedSpectrum",
     "SpectralCurve",
     "stieltjes",
@@ -84,7 +84,7 @@ __all__ = [
     "decompress_activation_covariance",
     "decompress_hessian_block",
     "wasserstein_1",
-    # ridge asymptotics (seed 004)
+    # ridge asymptotics
     "RidgeCurve",
     "ridge_kappa",
     "ridge_test_error",

@@ -1,6 +1,7 @@
 r"""Free decompression of a layer's spectra measured on a subsample of its coordinates.
 
-Ameli et al., free decompression and its algebraic spectral-curve form (seed 003); the maths is
+Ameli, van der Heide, Hodgkinson & Mahoney, "Free Decompression with Algebraic Spectral Curves"
+(2026, arXiv:2605.03634); the maths is
 in :mod:`curvlens.spectra.free_decompression`. Two matrices of a layer are too wide to
 eigendecompose in large models but cheap to *sample*:
 

@@ -1,6 +1,7 @@
 r"""Free decompression: predict the spectrum of a large matrix from a random principal submatrix.
 
-Ameli et al., *free decompression* and its algebraic spectral-curve form (seed 003). A random
+Ameli, van der Heide, Hodgkinson & Mahoney, "Free Decompression with Algebraic Spectral Curves"
+(2026, arXiv:2605.03634). A random
 :math:`n_s \times n_s` principal submatrix of an :math:`n \times n` matrix (with delocalized
 eigenvectors, e.g. Haar-rotated, Wishart, Hessian and activation covariances of wide layers) has
 the *free compression* of its spectral law by :math:`c = n_s/n`; decompression inverts it. With

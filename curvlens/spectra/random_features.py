@@ -1,8 +1,8 @@
-r"""Spectra of monomial random-feature covariances (seed 000).
+r"""Spectra of monomial random-feature covariances.
 
 Data :math:`x \sim N(0, H)` in :math:`\mathbb{R}^v`, a sketch :math:`W` ``[v, d]`` and the
-entrywise monomial :math:`f(y) = y^p` give the features :math:`f(W^T x)`. Seed 000 ("the
-spectral structure of random features", Xiao & Zhu et al.) proves that if
+entrywise monomial :math:`f(y) = y^p` give the features :math:`f(W^T x)`. "Power-Law
+Spectrum of the Random Feature Model" (Paquette, Xiao & Zhu, 2026, arXiv:2603.14578) proves that if
 :math:`\lambda_j(H) \asymp j^{-\alpha}` then the population covariance
 :math:`K = \mathbb{E}_x[\frac1d f(W^T x) f(W^T x)^T]` has
 :math:`\lambda_j(K) \asymp (\log^{p-1}(j+1) / j)^{\alpha}` for :math:`j \lesssim d/\log^{p+1} d`:
@@ -133,7 +133,7 @@ def random_feature_spectrum(
 
 
 def rf_theory_curve(j: Tensor, p: int, alpha: float) -> Tensor:
-    r"""Seed 000's rate :math:`(\log^{p-1}(j+1) / j)^{\alpha}` (up to a constant), ``j >= 1``.
+    r"""The random-feature rate :math:`(\log^{p-1}(j+1) / j)^{\alpha}` (up to a constant), j >= 1.
 
     Example:
         >>> import torch

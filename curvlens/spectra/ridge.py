@@ -1,8 +1,8 @@
-r"""Deterministic-equivalent test error of ridge regression on given features (seed 004).
+r"""Deterministic-equivalent test error of ridge regression on given features.
 
-Schröder, Dmitriev, Cui & Loureiro, "Asymptotics of learning with deep structured (random)
-features" (2024), characterize the test error of a ridge readout trained on features
-:math:`\phi` through their population covariance alone. For
+Schröder, Dmitriev, Cui & Loureiro, "Asymptotics of Learning with Deep Structured (Random)
+Features" (2024, arXiv:2402.13999), characterize the test error of a ridge readout trained on
+features :math:`\phi` through their population covariance alone. For
 
 .. math:: \hat w = \arg\min_w \frac1n \sum_{i=1}^n (y_i - w^T\phi_i)^2 + \lambda \|w\|^2
           = (\Phi^T\Phi / n + \lambda)^{-1} \Phi^T y / n

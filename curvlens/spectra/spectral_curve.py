@@ -1,6 +1,7 @@
 r"""Algebraic spectral curves: fit, push (free decompression) and physical-branch tracking.
 
-Ameli et al., free decompression in its algebraic spectral-curve form (seed 003). A spectral law
+Ameli, van der Heide, Hodgkinson & Mahoney, "Free Decompression with Algebraic Spectral Curves"
+(2026, arXiv:2605.03634). A spectral law
 whose Stieltjes transform :math:`m(z) = \int \rho(x)/(x - z)\,dx` satisfies
 :math:`P(z, m) = \sum_{jk} a_{jk} z^j m^k = 0` keeps an algebraic curve under free
 decompression by :math:`e^t`: :math:`P_t(z, m) = m^{L} P(z + (1 - e^{-t})/m, e^t m)`,
