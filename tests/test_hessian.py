@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -353,8 +354,9 @@ def test_auto_falls_back_to_hvp_without_forward_ad():
     _close(h, torch.einsum("ki,ij,kj->k", D, H, D), 1e-8, H.abs().max())
 
 
-def test_progress_bar_does_not_change_results(capsys):
+def test_progress_bar_does_not_change_results(capsys, monkeypatch):
     model, loss_fn, inputs, targets = _setup("mlp")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars show on terminals only
     a = block_eigenvalues(model, loss_fn, inputs, targets, "0", 3,
                           generator=torch.Generator().manual_seed(1))
     b = block_eigenvalues(model, loss_fn, inputs, targets, "0", 3, progress=True,
