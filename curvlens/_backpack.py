@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from curvlens._factor_store import KroneckerFactors
 from curvlens.layers import LayerInfo
 
 __all__ = ["backpack_factors"]
@@ -25,12 +26,15 @@ def backpack_factors(
     inputs: tuple,
     targets: Tensor,
     chosen: dict[str, LayerInfo],
-    mode,
+    mode: str,
     mc_samples: int,
-) -> dict:
-    """Factors from BackPACK, rescaled to curvlens's convention (see curvlens.kronecker)."""
-    from curvlens.kronecker import FactorMode, KroneckerFactors
+) -> dict[str, KroneckerFactors]:
+    """Factors from BackPACK, rescaled to curvlens's convention (see curvlens.kronecker).
 
+    ``mode`` is a ``FactorMode`` (a string enum), compared by value: ``"fisher"`` (``KFAC``) or
+    ``"ggn"`` (``KFLR``). This backend depends on the factor record only, not on
+    :mod:`curvlens.kronecker`, which calls it.
+    """
     try:
         from backpack import backpack, extend
         from backpack.extensions import KFAC, KFLR
@@ -38,7 +42,7 @@ def backpack_factors(
         raise ValueError(
             "backend='backpack' needs backpack-for-pytorch; pip install backpack-for-pytorch"
         ) from err
-    if mode is FactorMode.EMPIRICAL:
+    if mode == "empirical":
         raise ValueError(
             "BackPACK has no empirical Kronecker factors; use mode='fisher' (KFAC) or "
             "mode='ggn' (KFLR) with backend='backpack', or backend='hooks'"
@@ -60,7 +64,7 @@ def backpack_factors(
     try:
         extend(twin)
         loss_twin = extend(copy.deepcopy(loss_fn))
-        extension = KFAC(mc_samples=mc_samples) if mode is FactorMode.FISHER else KFLR()
+        extension = KFAC(mc_samples=mc_samples) if mode == "fisher" else KFLR()
         weights = [modules[name].weight for name in chosen]
         locations: dict[str, int] = {}
         handles = [
@@ -79,7 +83,7 @@ def backpack_factors(
             "a model built from modules it knows (e.g. nn.Sequential of Linear/Conv/activations) "
             "- use backend='hooks'"
         ) from err
-    attr = "kfac" if mode is FactorMode.FISHER else "kflr"
+    attr = "kfac" if mode == "fisher" else "kflr"
     B = int(inputs[0].shape[0])
     out: dict[str, KroneckerFactors] = {}
     for name, info in chosen.items():
