@@ -56,7 +56,8 @@ package-check: $(VENV)/.stamp-package
 	test -s $(PKG_VENV)/demo-out/report.json && test -s $(PKG_VENV)/demo-out/plots/alpha_fits.png
 	$(PKG_VENV)/bin/python -c "import importlib.resources as r; assert r.files('curvlens').joinpath('py.typed').is_file()"
 	$(PKG_VENV)/bin/python -m pip install -q --no-deps --force-reinstall dist/*.tar.gz
-	cd $(PKG_VENV) && bin/python -c "import curvlens, sys; print('package-check: curvlens', curvlens.__version__, 'from', curvlens.__file__)"
+	cd $(PKG_VENV) && bin/python -c "import curvlens; print('package-check: curvlens', curvlens.__version__, 'from', curvlens.__file__)"
+	rm -rf $(PKG_VENV)  # several GB (torch); kept only when a step above failed
 
 hooks:
 	git config core.hooksPath hooks
