@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(every epoch with --all), optionally write plots and CSV.")
     rep.add_argument("path", metavar="RUN.json")
     rep.add_argument("--plot", metavar="DIR", default=None, help="write PNG figures here")
-    rep.add_argument("--csv", metavar="FILE", default=None, help="write a CSV here")
+    rep.add_argument("--csv", metavar="FILE", default=None, help="write a CSV file here")
     rep.add_argument("--all", action="store_true", help="print every report of a run")
 
     repro = sub.add_parser("reproduce", help="the paper-style table across architectures",
@@ -149,8 +149,9 @@ _COMMANDS = {"demo": _demo, "report": _report, "reproduce": _reproduce}
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``curvlens`` command; returns the exit status.
 
-    Bad input (a missing file, a file that is not a curvlens report, a bad option value) prints
-    one line ``curvlens: error: ...`` to stderr and returns 2.
+    Bad input (a missing, unreadable, damaged or wrong file, a directory where a file is
+    expected, a path that cannot be written, a bad option value) prints one line
+    ``curvlens: error: ...`` naming the file to stderr and returns 2.
     """
     parser = build_parser()
     try:
@@ -163,12 +164,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = spectra.run
     try:
         return int(command(args) or 0)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"curvlens: error: {err}", file=sys.stderr)
+    except (OSError, ValueError, ImportError) as err:  # bad files, paths and values
+        print(f"curvlens: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("curvlens: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (an OSError without a file name gets its class)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename!r}" + (
+            f" -> {err.filename2!r}" if err.filename2 is not None else "")
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

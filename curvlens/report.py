@@ -7,8 +7,9 @@ Exponent" (Calvo, 2026, arXiv:2606.02596): the curvature exponent
 the sorted ``h_k``), the prediction ``alpha * gamma`` and its relative error, the participation
 ratio, the zeta bound and the BIC rank-profile winner, with a summary line per layer type.
 
-JSON files are written atomically (a temporary file in the same directory, then ``os.replace``)
-and read back losslessly, NaN included (Python's ``json`` writes it as ``NaN``). A file holds one
+JSON and CSV files are written atomically (a temporary file in the same directory, then
+``os.replace``, with the permissions a plain write would give, symbolic links followed) and read
+back losslessly, NaN included (Python's ``json`` writes it as ``NaN``). A file holds one
 report (``"format": "curvlens.report"``) or a run, the reports of several epochs
 (``"format": "curvlens.run"``); :func:`load_reports` reads either.
 
@@ -28,12 +29,12 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from curvlens.results import LayerReport, Report
+from curvlens._io import atomic_write_text, read_json
+from curvlens.results import LayerReport, Report, check_format
 
 __all__ = [
     "table",
@@ -203,23 +204,6 @@ def _title(report: Report, width: int) -> str:
 # --------------------------------------------------------------------------- JSON
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def to_json(report: Report, path: str | os.PathLike) -> Path:
     """Write one report as JSON, atomically. Returns the path.
 
@@ -228,7 +212,7 @@ def to_json(report: Report, path: str | os.PathLike) -> Path:
     """
     if not isinstance(report, Report):
         raise TypeError(f"to_json needs a curvlens Report, got {type(report).__name__}")
-    return _atomic_write(path, json.dumps(report.to_dict(), indent=1))
+    return atomic_write_text(path, json.dumps(report.to_dict(), indent=1))
 
 
 def save_reports(reports: Sequence[Report], path: str | os.PathLike,
@@ -246,26 +230,30 @@ def save_reports(reports: Sequence[Report], path: str | os.PathLike,
         raise TypeError(f"save_reports needs curvlens Reports, got {bad[:3]}")
     data = {"format": _RUN_FORMAT, "version": 1, "meta": dict(meta or {}),
             "reports": [r.to_dict() for r in reports]}
-    return _atomic_write(path, json.dumps(data, indent=1))
-
-
-def _read(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no report file at {str(path)!r}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); was it written by "
-                         "curvlens?") from None
+    return atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def load_reports(path: str | os.PathLike) -> list[Report]:
     """Read a report file or a run file; returns the reports, oldest first."""
-    data = _read(path)
-    if isinstance(data, dict) and data.get("format") == _RUN_FORMAT:
-        return [Report.from_dict(d) for d in data.get("reports", [])]
-    return [Report.from_dict(data)]
+    data = read_json(path, "report file")
+    try:
+        if isinstance(data, dict) and data.get("format") == _RUN_FORMAT:
+            check_format(data, _RUN_FORMAT, 1, "curvlens run")
+            reports = data.get("reports", [])
+            if not isinstance(reports, list):
+                raise ValueError(f"run: field 'reports' must be a list, got "
+                                 f"{type(reports).__name__}")
+            return [_run_entry(d, i) for i, d in enumerate(reports)]
+        return [Report.from_dict(data)]
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}") from None
+
+
+def _run_entry(data: Any, index: int) -> Report:
+    try:
+        return Report.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"run: reports[{index}]: {err}") from None
 
 
 def from_json(path: str | os.PathLike) -> Report:
@@ -317,7 +305,7 @@ def to_csv(report: Report | Sequence[Report], path: str | os.PathLike) -> Path:
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return _atomic_write(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- plots

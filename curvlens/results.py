@@ -19,11 +19,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curvlens._schema import field_types, from_json_value
+
 __all__ = ["LayerReport", "Report"]
 
 _NAN = float("nan")
 _FORMAT = "curvlens.report"
 _VERSION = 1
+
+
+def check_format(data: Any, fmt: str, version: int, what: str) -> None:
+    """Check the ``"format"`` and ``"version"`` keys of a file's top-level object.
+
+    Raises:
+        ValueError: not a dict, another format, or a version that is not an int in
+            ``1..version``.
+    """
+    if not isinstance(data, Mapping) or data.get("format") != fmt:
+        got = (f"keys {sorted(map(str, data))[:8]}" if isinstance(data, Mapping)
+               else type(data).__name__)
+        raise ValueError(f"not a {what} (expected format {fmt!r}); got {got}")
+    got = data.get("version")
+    if isinstance(got, bool) or not isinstance(got, int) or got < 1:
+        raise ValueError(f"{what}: field 'version' must be an int >= 1, got {got!r}")
+    if got > version:
+        raise ValueError(f"{what} format version {got} is newer than this curvlens reads "
+                         f"({version}); upgrade curvlens to read it")
 
 
 def _nan_pair() -> tuple[float, float]:
@@ -170,39 +191,71 @@ class LayerReport:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LayerReport:
-        """Inverse of :meth:`to_dict`; missing fields take their defaults, ``None`` reads as NaN.
+    def from_dict(cls, data: Mapping[str, Any], *, layer: str | None = None) -> LayerReport:
+        """Inverse of :meth:`to_dict`, with every field checked.
+
+        Missing fields take their defaults; ``None`` reads as NaN. Every field is checked
+        against its type (ints are ints, floats finite or NaN, lists of the right length),
+        the per-direction lists against ``top_k`` and ``kind`` against the known layer kinds.
+
+        Args:
+            data: the dict.
+            layer: the layer's name in its report (for error messages; default ``data["name"]``).
 
         Raises:
-            TypeError: ``data`` is not a mapping.
+            ValueError: a field does not fit; the message names the layer and the field.
         """
+        label = layer if layer is not None else (
+            data.get("name") if isinstance(data, Mapping) else None)
         if not isinstance(data, Mapping):
-            raise TypeError(f"LayerReport.from_dict needs a mapping, got {type(data).__name__}")
-        kwargs: dict[str, Any] = {}
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
+            raise ValueError(f"report layer {label!r} must be an object (a dict), got "
+                             f"{type(data).__name__}")
+        types = field_types(cls)
+        unknown = sorted(set(data) - set(types))
         if unknown:
-            warnings.warn(f"LayerReport.from_dict ignores unknown fields {unknown}", stacklevel=2)
-        for name, f in known.items():
-            if name not in data:
-                continue
-            value = data[name]
-            if f.type == "float":
-                value = _NAN if value is None else float(value)
-            elif f.type == "int":
-                value = int(value)
-            elif name == "shape":
-                value = tuple(int(v) for v in value)
-            elif name.endswith("_ci"):
-                value = tuple(_NAN if v is None else float(v) for v in value)
-            elif f.type == "list[float]":
-                value = [_NAN if v is None else float(v) for v in value]
-            elif f.type == "dict[str, float]":
-                value = {str(k): _NAN if v is None else float(v) for k, v in value.items()}
-            elif isinstance(value, (list, dict)):
-                value = value.copy()
-            kwargs[name] = value
-        return cls(**kwargs)
+            warnings.warn(f"LayerReport.from_dict ignores unknown fields {unknown} of layer "
+                          f"{label!r}", stacklevel=2)
+        kwargs = {name: from_json_value(data[name], tp, f"report layer {label!r}: field {name!r}")
+                  for name, tp in types.items() if name in data}
+        rep = cls(**kwargs)
+        _check_consistency(rep, label)
+        return rep
+
+
+# Per-direction lists: one entry per k = 1..top_k, or empty when not measured.
+_PER_DIRECTION = ("sigma", "h", "h_kron", "chi", "rho_delta", "rho_A", "lambda_delta",
+                  "lambda_A")
+_AT_MOST_K = ("rank", "k_kept", "alpha_n", "n_negative_h")
+
+
+def _check_consistency(rep: LayerReport, label: str | None) -> None:
+    """Relations between fields that their types alone do not express."""
+    from curvlens.layers import LayerKind  # lazily: plain data here, layer machinery there
+
+    def bad(name: str, why: str) -> ValueError:
+        return ValueError(f"report layer {label!r}: field {name!r} {why}")
+
+    for f in dataclasses.fields(rep):
+        value = getattr(rep, f.name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise bad(f.name, f"must be >= 0, got {value}")
+    if any(d < 0 for d in rep.shape):
+        raise bad("shape", f"must hold sizes >= 0, got {list(rep.shape)}")
+    kinds = {k.value for k in LayerKind} | {""}
+    if rep.kind not in kinds:
+        raise bad("kind", f"must be one of {sorted(kinds)}, got {rep.kind!r}")
+    K = rep.top_k
+    if rep.sigma and len(rep.sigma) != K:
+        raise bad("sigma", f"has {len(rep.sigma)} entries but top_k is {K}")
+    for name in _PER_DIRECTION:
+        n = len(getattr(rep, name))
+        if n not in (0, K):
+            raise bad(name, f"has {n} entries; expected top_k = {K} (or none)")
+    for name in _AT_MOST_K:
+        if getattr(rep, name) > K:
+            raise bad(name, f"is {getattr(rep, name)}, more than top_k = {K}")
+    if rep.bic and rep.bic_best not in rep.bic and rep.bic_best != "":
+        raise bad("bic_best", f"must be one of {sorted(rep.bic)}, got {rep.bic_best!r}")
 
 
 @dataclass
@@ -233,26 +286,23 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Report:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`, with the format, the version and every field checked.
 
         Raises:
-            ValueError: not a curvlens report, or a newer format version.
+            ValueError: not a curvlens report, a version this curvlens cannot read, or a
+                damaged field (the message names the layer and the field).
         """
-        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
-            raise ValueError(
-                f"not a curvlens report (expected format {_FORMAT!r}); got keys "
-                f"{sorted(data)[:8] if isinstance(data, Mapping) else type(data).__name__}"
-            )
-        if int(data.get("version", 0)) > _VERSION:
-            raise ValueError(
-                f"report format version {data['version']} is newer than this curvlens "
-                f"({_VERSION}); upgrade curvlens to read it"
-            )
+        check_format(data, _FORMAT, _VERSION, "curvlens report")
+        where = "report: field {!r}"
+        layers = data.get("layers", {})
+        if not isinstance(layers, Mapping):
+            raise ValueError(f"{where.format('layers')} must be an object (a dict), got "
+                             f"{type(layers).__name__}")
         return cls(
-            layers={n: LayerReport.from_dict(d) for n, d in data.get("layers", {}).items()},
-            epoch=data.get("epoch"),
-            step=data.get("step"),
-            meta=dict(data.get("meta", {})),
+            layers={str(n): LayerReport.from_dict(d, layer=str(n)) for n, d in layers.items()},
+            epoch=from_json_value(data.get("epoch"), int | None, where.format("epoch")),
+            step=from_json_value(data.get("step"), int | None, where.format("step")),
+            meta=from_json_value(data.get("meta", {}), dict[str, Any], where.format("meta")),
         )
 
     # Rendering lives in curvlens.report; these methods are the contract's short forms

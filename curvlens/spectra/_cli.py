@@ -6,18 +6,22 @@ The lead wires :func:`add_parser` into ``curvlens/cli.py``; :func:`run` executes
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import pickle
+import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from curvlens._io import atomic_write_text, read_text
 from curvlens.spectra.free_decompression import free_decompress
 from curvlens.spectra.weight_tails import (
     WeightTailStats,
     format_weight_tails,
-    model_weight_tails,
     weight_tail_stats,
 )
 
@@ -27,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("spectra", help="spectral tools: weight tails, free decompression")
     sub = p.add_subparsers(dest="spectra_cmd", required=True)
     w = sub.add_parser("weights", help="per-layer weight-spectrum tail table of a checkpoint")
-    w.add_argument("checkpoint", help="a saved nn.Module or state_dict (torch.save)")
+    w.add_argument("checkpoint", help="a state_dict saved by torch.save (loaded with "
+                   "weights_only=True; pickled modules are refused)")
     w.add_argument("--normalization", choices=["raw", "ww"], default="raw")
     w.add_argument("--min-tail", type=int, default=10)
     w.add_argument("--json", dest="json_out", help="also write the table as JSON here")
@@ -41,17 +46,56 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _load_weights(path: str, normalization: str, min_tail: int) -> dict[str, WeightTailStats]:
+def load_checkpoint(path: str | Path) -> Any:
+    """The contents of a ``torch.save`` file, loaded with ``torch.load(weights_only=True)`` only.
+
+    Nothing else is ever tried: a file that holds arbitrary pickled objects (a whole
+    ``nn.Module``, custom classes) could run code while it is unpickled, so it is refused with
+    the command that turns a trusted file into a plain state_dict.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a directory, not a torch checkpoint, or a checkpoint the safe loader
+            refuses; one line naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory, not a checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled full model needs weights_only=False (trusted files only)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, nn.Module):
-        return model_weight_tails(obj, normalization=normalization, min_tail=min_tail)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported (global: GLOBAL )?[^\s]+", str(err))
+        if found is None or found.group(1) is None:  # garbage, not a refused object
+            detail = found.group(0) if found is not None else _first_line(err)
+            raise ValueError(f"{str(path)!r} is not a torch checkpoint ({detail})") from None
+        out = path.with_name(f"{path.stem}.state_dict.pt")
+        code = (f"import torch; o = torch.load({str(path)!r}, weights_only=False); "
+                "o = o.state_dict() if hasattr(o, 'state_dict') else o.get('state_dict', o); "
+                "torch.save({k: v for k, v in o.items() if isinstance(v, torch.Tensor)}, "
+                f"{str(out)!r})")
+        raise ValueError(
+            f"{str(path)!r} holds pickled Python objects besides tensors, which curvlens never "
+            "loads (unpickling can run code); if you trust the file, convert it to a plain "
+            f'state_dict yourself and pass {str(out)!r}: python -c "{code}"'
+        ) from None
+    except Exception as err:  # torch raises many types on garbage: name the file, one line
+        raise ValueError(f"{str(path)!r} is not a torch checkpoint "
+                         f"({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0].strip()[:200] if lines else "no details"
+
+
+def _load_weights(path: str, normalization: str, min_tail: int) -> dict[str, WeightTailStats]:
+    obj = load_checkpoint(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected an nn.Module or a state_dict, got {type(obj).__name__}")
+        raise ValueError(f"{path!r}: expected a state_dict, got {type(obj).__name__}")
     out = {}
     for name, t in obj.items():
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and torch.is_floating_point(t) \
@@ -59,8 +103,39 @@ def _load_weights(path: str, normalization: str, min_tail: int) -> dict[str, Wei
             out[name.removesuffix(".weight")] = weight_tail_stats(
                 t, normalization=normalization, min_tail=min_tail, name=name)
     if not out:
-        raise ValueError(f"{path}: no floating '*weight' tensors with 2+ dims in the state_dict")
+        raise ValueError(f"{path!r}: no floating '*weight' tensors with 2+ dims in the "
+                         "state_dict")
     return out
+
+
+def _load_eigenvalues(name: str) -> np.ndarray:
+    """A 1-D float array from a ``.npy`` file (never a pickle) or a text file; one-line errors."""
+    path = Path(name)
+    try:
+        if path.suffix == ".npy":
+            if not path.is_file():
+                read_text(path, "eigenvalue file")  # raises the missing / directory error
+            eigs = np.load(path, allow_pickle=False)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # numpy only warns on a file without numbers
+                eigs = np.loadtxt(io.StringIO(read_text(path, "eigenvalue file")), ndmin=1)
+        eigs = np.asarray(eigs, dtype=np.float64)
+    except (FileNotFoundError, ValueError) as err:
+        if str(name) in str(err):
+            raise
+        raise ValueError(f"{name!r} is not a list of numbers ({_first_line(err)})") from None
+    except Exception as err:
+        raise ValueError(f"{name!r} is not a list of numbers "
+                         f"({type(err).__name__}: {_first_line(err)})") from None
+    if eigs.ndim != 1:
+        raise ValueError(f"{name!r}: expected a 1-D array of eigenvalues, got shape "
+                         f"{eigs.shape}")
+    finite = int(np.isfinite(eigs).sum())
+    if finite < eigs.size:
+        raise ValueError(f"{name!r}: {eigs.size - finite} of its {eigs.size} eigenvalues are "
+                         f"NaN or Inf ({finite} finite); remove them first")
+    return eigs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,12 +144,11 @@ def run(args: argparse.Namespace) -> int:
         res = _load_weights(args.checkpoint, args.normalization, args.min_tail)
         print(format_weight_tails(res))
         if args.json_out:
-            Path(args.json_out).write_text(json.dumps({k: v.as_dict() for k, v in res.items()},
-                                                      indent=2))
+            atomic_write_text(args.json_out,
+                              json.dumps({k: v.as_dict() for k, v in res.items()}, indent=2))
         return 0
     if args.spectra_cmd == "decompress":
-        path = Path(args.eigs)
-        eigs = np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
+        eigs = _load_eigenvalues(args.eigs)
         out = free_decompress(eigs, args.n, deg_z=args.deg_z, deg_m=args.deg_m)
         q = out.quantiles([0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0])
         print(f"n_s={np.size(eigs)} -> n={args.n} (t={out.t:.4f}), curve degrees "

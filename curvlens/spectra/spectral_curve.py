@@ -177,8 +177,10 @@ def fit_spectral_curve(
         t: ``ln(n / n_s)`` for a target-size fit; 0 fits the submatrix's own curve.
     """
     lam = _np(eigenvalues)
-    if lam.size < 4 or not np.isfinite(lam).all():
-        raise ValueError(f"need at least 4 finite eigenvalues to fit a curve, got {lam.size}")
+    finite = int(np.isfinite(lam).sum())
+    if lam.size < 4 or finite < lam.size:
+        raise ValueError(f"need at least 4 eigenvalues, all finite, to fit a curve; got "
+                         f"{lam.size}, of which {finite} finite")
     if deg_z < 1 or deg_m < 1:
         raise ValueError(f"deg_z and deg_m must be >= 1, got {deg_z!r}, {deg_m!r}")
     if not (math.isfinite(t) and t >= 0):
