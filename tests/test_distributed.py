@@ -47,7 +47,7 @@ def test_two_processes_equal_one_process_on_the_union(tmp_path):
         single = kronecker_factors(model, loss_fn, x, y, mode="empirical")
         single_analysis = _analysis(model, loss_fn, x, y)
         for rank in range(2):
-            got = torch.load(tmp_path / f"{case}-rank{rank}.pt")
+            got = torch.load(tmp_path / f"{case}-rank{rank}.pt", weights_only=True)
             for name, f in single.items():
                 C_A, C_delta, count = got[name]
                 torch.testing.assert_close(C_A, f.C_A, rtol=1e-10, atol=1e-14)

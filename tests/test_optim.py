@@ -618,7 +618,7 @@ def test_distributed_updates_equal_single_process(tmp_path):
     mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
                        start_method="fork")
     n_spectral = 5  # conv, fc0..fc3 (head and biases go to AdamW)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # the matrix work was split, not repeated: each rank computed a part, together all of it
     assert [g["computed"] for g in got] == [3 * _DIST_STEPS, 2 * _DIST_STEPS]
     assert sum(g["computed"] for g in got) == n_spectral * _DIST_STEPS
