@@ -110,3 +110,30 @@ def check_loss(loss: Any, where: str) -> None:
             "undefined. Check the inputs, targets and weights for NaN/Inf or lower the "
             "learning rate"
         )
+
+
+def check_fixed_batch(inputs: tuple, targets: Any, device: torch.device, dtype: torch.dtype,
+                where: str) -> None:
+    """Raise when a fixed batch is empty, on another device than ``device``, or has floating
+    inputs of another dtype than the model's ``dtype``; messages start with ``where``."""
+    for i, x in enumerate((*inputs, targets)):
+        what = "targets" if i == len(inputs) else f"inputs[{i}]"
+        if not isinstance(x, Tensor):
+            continue
+        if x.dim() > 0 and x.shape[0] == 0:
+            raise ValueError(
+                f"{where} got an empty batch ({what} has shape {tuple(x.shape)}); "
+                "pass a fixed batch with at least one sample"
+            )
+        if x.device.type != device.type or (
+            device.index is not None and x.device.index not in (None, device.index)
+        ):
+            raise ValueError(
+                f"{where}: {what} is on {x.device} but the model is on {device}; "
+                f"move the batch with .to({str(device)!r}) or pass CurvatureLens(device=...)"
+            )
+        if what != "targets" and x.is_floating_point() and x.dtype != dtype:
+            raise TypeError(
+                f"{where}: {what} has dtype {x.dtype} but the model's weights are "
+                f"{dtype}; convert the batch with .to({dtype})"
+            )

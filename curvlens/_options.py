@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 E = TypeVar("E", bound=Enum)
 
-__all__ = ["parse_option"]
+__all__ = ["parse_option", "positive_int"]
 
 
 def parse_option(cls: type[E], value: Any, what: str) -> E:
@@ -24,3 +24,10 @@ def parse_option(cls: type[E], value: Any, what: str) -> E:
         raise ValueError(
             f"{what} must be one of {[v.value for v in cls]}, got {value!r}"
         ) from None
+
+
+def positive_int(value: Any, what: str) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ``ValueError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    return value

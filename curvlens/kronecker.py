@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from curvlens._factor_forms import DiagonalFactor, SketchedFactor, factor_quad
 from curvlens._factor_store import FactorAccumulator, KroneckerFactors
+from curvlens._functional_model import check_loss
 from curvlens._options import parse_option
 from curvlens.hooks import Capture
 from curvlens.layers import LayerInfo, find_layers
@@ -265,13 +266,13 @@ def _hook_factors(
         output = model(*inputs)
         if mode is FactorMode.EMPIRICAL:
             loss = loss_fn(output, targets)
-            _check_loss(loss)
+            check_loss(loss, "kronecker factors")
             torch.autograd.grad(loss, weights, allow_unused=True)
             passes = 1
         elif mode is FactorMode.FISHER:
             for draw in range(mc_samples):
                 loss = loss_fn(output, _sample_targets(loss_fn, output, generator))
-                _check_loss(loss)
+                check_loss(loss, "kronecker factors (fisher)")
                 torch.autograd.grad(loss, weights, retain_graph=draw < mc_samples - 1,
                                     allow_unused=True)
             passes = mc_samples
@@ -298,11 +299,3 @@ def _hook_factors(
                 acc.add_grads(name, g, scale=scale, samples=counts)
     return acc
 
-
-def _check_loss(loss: Tensor) -> None:
-    if loss.dim() != 0:
-        raise ValueError(
-            f"loss_fn must return a scalar (mean over the batch), got shape {tuple(loss.shape)}"
-        )
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"the loss is {loss.item()}; curvature is undefined at this point")

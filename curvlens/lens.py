@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from types import TracebackType
@@ -56,8 +57,9 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._budget import resolve_budget
+from curvlens._functional_model import check_fixed_batch
 from curvlens._modes import measurement_mode
-from curvlens._options import parse_option
+from curvlens._options import parse_option, positive_int
 from curvlens._recorder import NoCapture, StepRecorder
 from curvlens.fit import ols_slope
 from curvlens.hooks import Capture
@@ -79,12 +81,6 @@ class KroneckerSource(str, Enum):
     HOOKS = "hooks"
     BACKPACK = "backpack"
     NONE = "none"
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
-    return value
 
 
 class CurvatureLens:
@@ -115,10 +111,19 @@ class CurvatureLens:
             :mod:`curvlens._budget`). Larger factor sides are sketched, larger Lanczos bases
             restarted; what cannot fit at all is refused by name. A layer whose recording fails
             in :meth:`step` is skipped with one warning (reason in :attr:`skipped_layers`).
+        grad_scaler: the :class:`torch.amp.GradScaler` of a mixed-precision loop. The lens
+            then records in the units of the unscaled loss, and a step the scaler skips
+            (overflow) is not recorded (counted in the report's ``meta["lens"]``). Call order:
+            ``scaler.scale(loss).backward()``, optionally ``scaler.unscale_(optimizer)``,
+            ``lens.step()``, ``scaler.step(optimizer)``, ``scaler.update()``; another order
+            raises a ``RuntimeError`` that says so.
+        spectra_history: recorded spectra kept per layer in :attr:`gradient_spectra` (the
+            oldest are dropped first).
 
     Attributes:
         history: every :class:`~curvlens.analysis.Report` of :meth:`analyze`, oldest first.
-        gradient_spectra: ``{layer: [(step, sigma [k]), ...]}`` recorded by :meth:`step`.
+        gradient_spectra: ``{layer: deque([(step, sigma [k]), ...])}`` recorded by
+            :meth:`step`, the latest ``spectra_history`` per layer.
         num_steps: how many times :meth:`step` was called.
 
     Raises:
@@ -142,6 +147,8 @@ class CurvatureLens:
         analyze_options: Mapping[str, Any] | None = None,
         check_finite: bool = True,
         memory_budget: int | float | str | None = None,
+        grad_scaler: Any = None,
+        spectra_history: int = 1000,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -149,8 +156,8 @@ class CurvatureLens:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.model = model
         self.loss_fn = loss_fn
-        self.top_k = _positive_int(top_k, "top_k")
-        self.every = _positive_int(every, "every")
+        self.top_k = positive_int(top_k, "top_k")
+        self.every = positive_int(every, "every")
         self.kronecker = parse_option(KroneckerSource, kronecker, "kronecker")
         self.mode = parse_option(FactorMode, mode, "mode")
         self.on_unsupported = parse_option(OnUnsupported, on_unsupported, "on_unsupported")
@@ -176,8 +183,10 @@ class CurvatureLens:
         self._paused = False
         self.memory_budget = memory_budget
         resolve_budget(memory_budget)  # validated at construction
-        self._recorder = StepRecorder(self.layers, loss_fn, top_k=self.top_k,
-                                      check_finite=self.check_finite, memory_budget=memory_budget)
+        self._recorder = StepRecorder(
+            self.layers, loss_fn, top_k=self.top_k, check_finite=self.check_finite,
+            memory_budget=memory_budget, grad_scaler=grad_scaler,
+            history=positive_int(spectra_history, "spectra_history"))
 
     @property
     def skipped_layers(self) -> dict[str, str]:
@@ -219,7 +228,10 @@ class CurvatureLens:
 
     def _recording(self) -> bool:
         """Called by the capture on every forward: record only on recording steps."""
-        return not self._paused and self.num_steps % self.every == 0
+        if self._paused or self.num_steps % self.every:
+            return False
+        self._recorder.note_forward()
+        return True
 
     @property
     def recording_step(self) -> bool:
@@ -230,13 +242,16 @@ class CurvatureLens:
     def step(self) -> None:
         """Record gradient spectra and Kronecker factors of this step (every ``every`` steps).
 
-        Call it after ``loss.backward()`` and before ``optimizer.step()`` / ``zero_grad()``.
-        Gradients, parameters and random streams are only read.
+        Call it after ``loss.backward()`` and before ``optimizer.step()`` / ``zero_grad()``
+        (with a GradScaler: after ``scaler.scale(loss).backward()`` and the optional
+        ``scaler.unscale_(optimizer)``, before ``scaler.step(optimizer)``). Gradients,
+        parameters and random streams are only read.
 
         Raises:
             RuntimeError: called outside ``with lens:``; a measured layer has no gradient
-                (frozen or unused in the forward pass); NaN/Inf in a layer's gradient. Each
-                message names the layer.
+                (frozen or unused in the forward pass); NaN/Inf in a layer's gradient (without
+                a grad scaler); a running factor would overflow; the grad scaler's calls in
+                another order. Each message names the layer. A failed step records nothing.
         """
         if not self.active:
             raise RuntimeError(
@@ -249,13 +264,14 @@ class CurvatureLens:
                 self._recorder.record(self.num_steps, capture)
         finally:
             self._capture.clear()
+            self._recorder.end_step()
             self.num_steps += 1
 
     # ----------------------------------------------------------------- running statistics
     @property
-    def gradient_spectra(self) -> dict[str, list[tuple[int, Tensor]]]:
-        """``{layer: [(step, sigma [k]), ...]}``: the top-K gradient singular values recorded by
-        :meth:`step`, oldest first."""
+    def gradient_spectra(self) -> dict[str, deque[tuple[int, Tensor]]]:
+        """``{layer: deque([(step, sigma [k]), ...])}``: the top-K gradient singular values
+        recorded by :meth:`step`, oldest first, the latest ``spectra_history`` per layer."""
         return self._recorder.gradient_spectra
 
     def running_factors(self) -> dict[str, KroneckerFactors]:
@@ -334,7 +350,8 @@ class CurvatureLens:
         if self.device is not None:
             inputs_t = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs_t)
             targets = targets.to(device) if isinstance(targets, Tensor) else targets
-        self._check_batch(inputs_t, targets, device)
+        check_fixed_batch(inputs_t, targets, device,
+                          next(iter(self.layers.values())).weight.dtype, "lens.analyze")
         options: dict[str, Any] = {
             "layers": list(self.layers),
             "top_k": self.top_k,
@@ -373,30 +390,6 @@ class CurvatureLens:
         first = next(iter(self.layers.values())).weight
         return first.device
 
-    def _check_batch(self, inputs: tuple, targets: Any, device: torch.device) -> None:
-        dtype = next(iter(self.layers.values())).weight.dtype
-        for i, x in enumerate((*inputs, targets)):
-            what = "targets" if i == len(inputs) else f"inputs[{i}]"
-            if not isinstance(x, Tensor):
-                continue
-            if x.dim() > 0 and x.shape[0] == 0:
-                raise ValueError(
-                    f"lens.analyze got an empty batch ({what} has shape {tuple(x.shape)}); "
-                    "pass a fixed batch with at least one sample"
-                )
-            if x.device.type != device.type or (
-                device.index is not None and x.device.index not in (None, device.index)
-            ):
-                raise ValueError(
-                    f"lens.analyze: {what} is on {x.device} but the model is on {device}; "
-                    f"move the batch with .to({str(device)!r}) or pass CurvatureLens(device=...)"
-                )
-            if what != "targets" and x.is_floating_point() and x.dtype != dtype:
-                raise TypeError(
-                    f"lens.analyze: {what} has dtype {x.dtype} but the model's weights are "
-                    f"{dtype}; convert the batch with .to({dtype})"
-                )
-
     def _meta(self) -> dict[str, Any]:
         return {
             "top_k": self.top_k,
@@ -405,6 +398,7 @@ class CurvatureLens:
             "mode": self.mode.value,
             "num_steps": self.num_steps,
             "recorded_factor_steps": self._recorder.recorded_factor_steps,
+            "skipped_overflow_steps": self._recorder.skipped_steps,
             "train_gamma": {
                 name: trace[-1][1] for name, trace in self.gamma_trace().items() if trace
             },

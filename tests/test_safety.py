@@ -346,3 +346,219 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
         proc.kill()
         proc.wait()
     assert os.listdir(tmp_path) == ["r.json"] and path.read_text() == "old"
+
+
+# --------------------------------------------------------------------------- the lens
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g))
+            for _ in range(steps)]
+
+
+_OVERFLOW = {2, 5}
+
+
+def _scaler_run(unscale: bool):
+    """8 steps under a GradScaler; on steps 2 and 5 the scaled loss overflows float32."""
+    from curvlens.lens import CurvatureLens
+
+    model, loss_fn = _mlp(), torch.nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=2)
+    lens = CurvatureLens(model, loss_fn, top_k=4, every=1, grad_scaler=scaler)
+    scales = []
+    with lens:
+        for t, (x, y) in enumerate(_batches(8)):
+            loss = loss_fn(model(x), y) * (1e36 if t in _OVERFLOW else 1.0)
+            scales.append(scaler.get_scale())
+            scaler.scale(loss).backward()
+            if unscale:
+                scaler.unscale_(opt)
+            lens.step()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    return lens, scales
+
+
+def _fp32_run():
+    """The same training in plain float32, without the overflow steps (the scaler skips them)."""
+    from curvlens.lens import CurvatureLens
+
+    model, loss_fn = _mlp(), torch.nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lens = CurvatureLens(model, loss_fn, top_k=4, every=1)
+    with lens:
+        for t, (x, y) in enumerate(_batches(8)):
+            if t in _OVERFLOW:
+                continue
+            loss_fn(model(x), y).backward()
+            lens.step()
+            opt.step()
+            opt.zero_grad()
+    return lens
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaled-grads", "unscale_"])
+def test_grad_scaler_loop_records_unscaled_and_skips_overflow(unscale):
+    """A GradScaler loop with two forced overflows runs to the end; what the lens recorded on
+    the other steps equals a float32 run's, in the units of the unscaled loss.
+
+    Before, the first overflow step raised from ``lens.step()`` (and ``CurvatureLens`` took no
+    scaler), the running ``C_delta`` was ``scale^2`` too large and, without ``unscale_``, the
+    spectra ``scale`` too large.
+    """
+    lens, scales = _scaler_run(unscale)
+    ref = _fp32_run()
+    assert len(set(scales)) == 2  # the scale moved down (overflows) and up (growth)
+    assert lens.num_steps == 8 and lens._recorder.skipped_steps == 2
+    assert lens._meta()["skipped_overflow_steps"] == 2
+    for name in ref.layers:
+        got = list(lens.gradient_spectra[name])
+        want = list(ref.gradient_spectra[name])
+        assert [s for s, _ in got] == [t for t in range(8) if t not in _OVERFLOW]
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=0)
+    running, want = lens.running_factors(), ref.running_factors()
+    for name, f in want.items():
+        torch.testing.assert_close(running[name].C_A, f.C_A, rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(running[name].C_delta, f.C_delta, rtol=1e-3, atol=1e-7)
+        assert running[name].num_samples == f.num_samples == 6 * 32
+
+
+@pytest.mark.parametrize("order", ["after-step", "after-update"])
+def test_grad_scaler_wrong_order_is_detected(order):
+    """``lens.step()`` after ``scaler.step`` or after ``scaler.update``: a RuntimeError that
+    gives the right order, nothing recorded."""
+    from curvlens.lens import CurvatureLens
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    lens = CurvatureLens(model, torch.nn.CrossEntropyLoss(), top_k=4, every=1,
+                         grad_scaler=scaler)
+    batches = _batches(3)
+    with lens:
+        _scaled_step(model, lens, scaler, opt, *batches[0], order)  # wrong on the first step
+    with lens:
+        _scaled_step(model, lens, scaler, opt, *batches[1], "right")  # and after a right one
+        _scaled_step(model, lens, scaler, opt, *batches[2], order)
+    assert [len(s) for s in lens.gradient_spectra.values()] == [1, 1]
+
+
+def _scaled_step(model, lens, scaler, opt, x, y, order: str) -> None:
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    if order == "right":
+        lens.step()
+    scaler.step(opt)
+    if order == "after-step":
+        with pytest.raises(RuntimeError, match="after scaler.step"):
+            lens.step()
+    scaler.update()
+    if order == "after-update":
+        with pytest.raises(RuntimeError, match=r"scaler.update\(\) ran too early"):
+            lens.step()
+    opt.zero_grad()
+
+
+def test_overflow_without_the_scaler_says_to_pass_it():
+    from curvlens.lens import CurvatureLens
+
+    model = _mlp()
+    lens = CurvatureLens(model, torch.nn.CrossEntropyLoss(), top_k=4, every=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    (x, y), = _batches(1)
+    with lens:
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y) * 1e36).backward()
+        with pytest.raises(RuntimeError, match="grad_scaler=scaler"):
+            lens.step()
+
+
+def test_gradient_spectra_history_is_bounded_and_standalone():
+    """``spectra_history`` entries per layer, each a standalone ``[k]`` tensor.
+
+    Before, the history grew by one entry per recorded step without bound, and each entry was
+    a view keeping the whole ``svdvals`` output (``min(m, n)`` values) alive.
+    """
+    from curvlens.lens import CurvatureLens
+
+    model, loss_fn = _mlp(), torch.nn.CrossEntropyLoss()
+    lens = CurvatureLens(model, loss_fn, top_k=2, every=1, spectra_history=3,
+                         kronecker="none")
+
+    def held_bytes() -> int:
+        return sum(t.untyped_storage().nbytes() for records in lens.gradient_spectra.values()
+                   for _, t in records)
+
+    sizes = []
+    with lens:
+        for x, y in _batches(12):
+            loss_fn(model(x), y).backward()
+            lens.step()
+            model.zero_grad()
+            sizes.append(held_bytes())
+    assert sizes[2] == sizes[-1] == 2 * 3 * 2 * 4  # layers x history x k x float32
+    for records in lens.gradient_spectra.values():
+        assert [s for s, _ in records] == [9, 10, 11]
+        assert all(t._base is None and t.numel() == 2 for _, t in records)
+    with pytest.raises(ValueError, match="spectra_history"):
+        CurvatureLens(model, loss_fn, spectra_history=0)
+
+
+def test_overflowing_running_factor_is_refused_and_not_stored():
+    """Output gradients so large that ``sum g g^T`` overflows float32: a warning naming the layer
+    and the overflow, the layer is no longer recorded, and nothing of that step is stored; the
+    training loop goes on.
+
+    Before, the running ``C_delta`` silently became ``inf``.
+    """
+    from curvlens.lens import CurvatureLens
+
+    model = _mlp()
+
+    def loss_fn(out, y):
+        return 1e22 * torch.nn.functional.cross_entropy(out, y)
+
+    lens = CurvatureLens(model, loss_fn, top_k=4, every=1)
+    (x, y), (x2, y2) = _batches(2)
+    with lens:
+        (loss_fn(model(x), y) / 1e22).backward()  # a normal step first
+        lens.step()
+        model.zero_grad()
+        loss_fn(model(x2), y2).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        with pytest.warns(RuntimeWarning, match=r"layer '\d'.*C_delta would overflow"):
+            lens.step()
+    assert set(lens.skipped_layers) == {"0", "2"}
+    assert all("overflow" in why for why in lens.skipped_layers.values())
+    assert all(len(s) == 1 for s in lens.gradient_spectra.values())
+    assert lens.running_factors() == {}  # dropped, never inf
+
+
+def test_loss_of_shape_one_is_a_scalar_everywhere():
+    """A loss of shape [1] is accepted as the scalar it holds by every stage of the analysis
+    (before, the gradient stage accepted it and the Kronecker stage refused it); a loss with
+    two values is refused at the first stage with the shape named."""
+    from curvlens import analyze_model
+
+    model = _mlp().double()
+    (x, y), = _batches(1)
+    x = x.double()
+    ce = torch.nn.CrossEntropyLoss()
+    options = {"top_k": 4, "lanczos_k": 2, "bootstrap": 0}
+    want = analyze_model(model, ce, x, y, **options)
+    got = analyze_model(model, lambda o, t: ce(o, t).reshape(1), x, y, **options)
+    for name, rep in want.layers.items():
+        for field in ("sigma", "h", "h_kron", "lambda_top"):
+            np.testing.assert_allclose(getattr(got.layers[name], field), getattr(rep, field),
+                                       rtol=1e-10)
+    with pytest.raises(ValueError, match=r"scalar.*\(2,\)"):
+        analyze_model(model, lambda o, t: ce(o, t).repeat(2), x, y, **options)
