@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import math
 import types
 import typing
@@ -32,8 +33,9 @@ __all__ = ["field_types", "from_json_value"]
 _NAN = float("nan")
 
 
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
-    """``{field name: evaluated type hint}`` of a dataclass."""
+    """``{field name: evaluated type hint}`` of a dataclass (computed once per class)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

@@ -140,6 +140,9 @@ def test_report_csv_into_a_directory(tmp_path, capsys):
     assert code == 2
     _one_line_error(err, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == []
+    code, err = _run(["report", str(run), "--plot", str(run)], capsys)  # a file, not a dir
+    assert code == 2
+    _one_line_error(err, str(run))
 
 
 def test_decompress_counts_finite_values(tmp_path, capsys):
