@@ -72,6 +72,9 @@ class StepRecorder:
         grad_scaler: Any = None,
         memory_budget: int | float | str | None = None,
     ) -> None:
+        if grad_scaler is not None and not hasattr(grad_scaler, "_per_optimizer_states"):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
+                            f"{type(grad_scaler).__name__}")
         self.layers = dict(layers)
         self.loss_fn = loss_fn
         self.top_k = top_k

@@ -514,6 +514,8 @@ def test_gradient_spectra_history_is_bounded_and_standalone():
         assert all(t._base is None and t.numel() == 2 for _, t in records)
     with pytest.raises(ValueError, match="spectra_history"):
         CurvatureLens(model, loss_fn, spectra_history=0)
+    with pytest.raises(TypeError, match="GradScaler"):
+        CurvatureLens(model, loss_fn, grad_scaler=object())
 
 
 def test_overflowing_running_factor_is_refused_and_not_stored():
