@@ -193,7 +193,8 @@ class StepRecorder:
             parts.append(scaler_stats)
         if not parts:
             return self._store(step, grads, pairs, 1.0, unscaled)
-        stats = torch.cat([p.to("cpu", torch.float64) for p in parts]).tolist()  # one sync
+        device = parts[0].device  # gather on one device, then a single host sync
+        stats = torch.cat([p.to(device, torch.float64) for p in parts]).tolist()
         grad_ok = stats[:len(grads)] if check_grads else [1.0] * len(grads)
         squares = stats[len(grad_ok):len(grad_ok) + len(pairs)]
         overflow = sum(stats[len(grad_ok) + len(pairs):len(stats) - 2]) > 0 if found_inf else False
