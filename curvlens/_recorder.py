@@ -125,7 +125,7 @@ class StepRecorder:
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     def _scaler_stats(self) -> tuple[Tensor | None, bool, list[Tensor]]:
-        """``(scale and check values [3] or None, grads already unscaled, found-inf tensors)``."""
+        """``([scale, update-ran flag] or None, grads already unscaled, found-inf tensors)``."""
         scaler = self._scaler()
         if scaler is None:
             return None, True, []
