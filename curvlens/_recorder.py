@@ -95,6 +95,17 @@ class StepRecorder:
         self.recorded_factor_steps = 0
         self._grad_trace: dict[str, float] = dict.fromkeys(self.layers, 0.0)
 
+    def running_factors(self) -> dict:
+        """The running factors, summed over ``torch.distributed`` processes first."""
+        acc = self.accumulator.copy()
+        acc.all_reduce()
+        return acc.factors(skip_empty=True)
+
+    def meta(self) -> dict[str, int]:
+        """What the report's ``meta["lens"]`` says about the recording."""
+        return {"recorded_factor_steps": self.recorded_factor_steps,
+                "skipped_overflow_steps": self.skipped_steps}
+
     def _skip(self, name: str, step: int, err: Exception | str, depth: int = 0) -> None:
         """Stop recording ``name`` after a failure: warn once, keep the reason."""
         what = err if isinstance(err, str) else f"{type(err).__name__}: {err}"

@@ -6,11 +6,10 @@ as a context manager around training:
 
 * ``with lens:`` registers one forward hook per measured layer (a
   :class:`~curvlens.hooks.Capture`) and removes every hook on exit, also when the body raises;
-* ``lens.step()`` after ``loss.backward()`` is cheap: every ``every`` steps it takes the top-K
-  singular values of each layer's gradient (``weight.grad`` in its matrix view, by
-  :func:`~curvlens.linalg.svd.gradient_svd`) and adds that step's captured inputs and output
-  gradients to running Kronecker factors (:class:`~curvlens.kronecker.FactorAccumulator`); on
-  the other steps the hooks record nothing and ``step()`` only counts;
+* ``lens.step()`` after ``loss.backward()`` is cheap: every ``every`` steps it records the top-K
+  singular values of each layer's gradient and adds the captured inputs and output gradients
+  to running Kronecker factors (:mod:`curvlens._recorder`, also for GradScaler loops); on the
+  other steps the hooks record nothing and ``step()`` only counts;
 * ``lens.analyze(x, y, epoch=...)`` runs the full measurement on a fixed batch
   (:func:`curvlens.analysis.analyze_model`: exact HVPs, Lanczos, fits) and appends the
   :class:`~curvlens.analysis.Report` to ``lens.history``.
@@ -111,12 +110,10 @@ class CurvatureLens:
             :mod:`curvlens._budget`). Larger factor sides are sketched, larger Lanczos bases
             restarted; what cannot fit at all is refused by name. A layer whose recording fails
             in :meth:`step` is skipped with one warning (reason in :attr:`skipped_layers`).
-        grad_scaler: the :class:`torch.amp.GradScaler` of a mixed-precision loop. The lens
-            then records in the units of the unscaled loss, and a step the scaler skips
-            (overflow) is not recorded (counted in the report's ``meta["lens"]``). Call order:
-            ``scaler.scale(loss).backward()``, optionally ``scaler.unscale_(optimizer)``,
-            ``lens.step()``, ``scaler.step(optimizer)``, ``scaler.update()``; another order
-            raises a ``RuntimeError`` that says so.
+        grad_scaler: the :class:`torch.amp.GradScaler` of a mixed-precision loop: the lens
+            records in unscaled units and leaves out the steps the scaler skips (counted in
+            ``meta["lens"]``). Order: ``scaler.scale(loss).backward()``, optionally
+            ``scaler.unscale_(opt)``, ``lens.step()``, ``scaler.step(opt)``, ``scaler.update()``.
         spectra_history: recorded spectra kept per layer in :attr:`gradient_spectra` (the
             oldest are dropped first).
 
@@ -284,9 +281,7 @@ class CurvatureLens:
         Returns:
             ``{layer: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``.
         """
-        acc = self._recorder.accumulator.copy()
-        acc.all_reduce()
-        return acc.factors(skip_empty=True)
+        return self._recorder.running_factors()
 
     def reset_running(self) -> None:
         """Forget the running Kronecker factors (the gradient spectra history stays)."""
@@ -353,14 +348,12 @@ class CurvatureLens:
         check_fixed_batch(inputs_t, targets, device,
                           next(iter(self.layers.values())).weight.dtype, "lens.analyze")
         options: dict[str, Any] = {
-            "layers": list(self.layers),
-            "top_k": self.top_k,
-            "kronecker_mode": self.mode.value,
+            "layers": list(self.layers), "top_k": self.top_k, "kronecker_mode": self.mode.value,
+            "kronecker_backend": (None if self.kronecker is KroneckerSource.NONE
+                                  else self.kronecker.value),
         }
         if self.lanczos_k is not None:
             options["lanczos_k"] = self.lanczos_k
-        options["kronecker_backend"] = (None if self.kronecker is KroneckerSource.NONE
-                                        else self.kronecker.value)
         options.update(self.analyze_options)
         params = [p for p in self.model.parameters()]
         saved = [p.grad for p in params]
@@ -385,10 +378,7 @@ class CurvatureLens:
         return report
 
     def _device(self) -> torch.device:
-        if self.device is not None:
-            return self.device
-        first = next(iter(self.layers.values())).weight
-        return first.device
+        return self.device or next(iter(self.layers.values())).weight.device
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -397,8 +387,7 @@ class CurvatureLens:
             "kronecker": self.kronecker.value,
             "mode": self.mode.value,
             "num_steps": self.num_steps,
-            "recorded_factor_steps": self._recorder.recorded_factor_steps,
-            "skipped_overflow_steps": self._recorder.skipped_steps,
+            **self._recorder.meta(),
             "train_gamma": {
                 name: trace[-1][1] for name, trace in self.gamma_trace().items() if trace
             },
