@@ -188,7 +188,7 @@ def test_agrees_with_powerlaw_package():
     assert abs(best.alpha - free.power_law.alpha) < 2 * best.sigma
 
 
-def test_cli_weights_table_from_state_dict_and_module(tmp_path, capsys):
+def test_cli_weights_table_from_state_dict_refuses_pickled_module(tmp_path, capsys):
     import argparse
     import json
 
@@ -200,12 +200,15 @@ def test_cli_weights_table_from_state_dict_and_module(tmp_path, capsys):
     torch.save(net, tmp_path / "full.pt")
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
-    for ckpt in ("sd.pt", "full.pt"):
-        args = parser.parse_args(["spectra", "weights", str(tmp_path / ckpt),
-                                  "--json", str(tmp_path / "w.json")])
-        assert args.func(args) == 0
-        out = json.loads((tmp_path / "w.json").read_text())
-        assert list(out) == ["0", "2"] and out["0"]["shape"] == [128, 64]
-        ref = weight_tail_stats(net[0].weight)
-        assert out["0"]["alpha"] == pytest.approx(ref.alpha, rel=1e-12)
+    args = parser.parse_args(["spectra", "weights", str(tmp_path / "sd.pt"),
+                              "--json", str(tmp_path / "w.json")])
+    assert args.func(args) == 0
+    out = json.loads((tmp_path / "w.json").read_text())
+    assert list(out) == ["0", "2"] and out["0"]["shape"] == [128, 64]
+    ref = weight_tail_stats(net[0].weight)
+    assert out["0"]["alpha"] == pytest.approx(ref.alpha, rel=1e-12)
     assert "128x64" in capsys.readouterr().out
+    # a pickled module is never unpickled: refused, with the conversion to run on trusted files
+    args = parser.parse_args(["spectra", "weights", str(tmp_path / "full.pt")])
+    with pytest.raises(ValueError, match="full.pt.*weights_only=False.*state_dict"):
+        args.func(args)
