@@ -46,7 +46,6 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
 MAX_LINES = 420
 #: Modules allowed over MAX_LINES, with the reason (mirrored in docs/architecture.rst).
 LONG_MODULES: dict[str, str] = {
-    "curvlens/lens.py": "being split: recording is in _recorder.py, more to follow (in progress)",
     "curvlens/optim/spectral_newton.py": "being split into policy and optimizer (in progress)",
 }
 
