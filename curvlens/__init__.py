@@ -5,7 +5,7 @@ and the documentation (docs/) for the definition of every quantity.
 """
 
 from curvlens import spectra  # spectral tools from companion papers, as a subpackage
-from curvlens.analysis import analyze_layer, analyze_model
+from curvlens.analysis import analyze_layer
 from curvlens.callbacks import LensCallback
 from curvlens.fit import (
     PowerLawFit,
@@ -28,8 +28,10 @@ from curvlens.layers import (
     LayerInfo,
     LayerKind,
     LayerSpec,
+    MatrixSlot,
     find_layers,
     register_layer,
+    register_matrix_view,
     weight_matrix,
 )
 from curvlens.lens import CurvatureLens, KroneckerSource
@@ -37,6 +39,7 @@ from curvlens.linalg.lanczos import lanczos
 from curvlens.linalg.slq import spectral_density
 from curvlens.linalg.svd import gradient_svd
 from curvlens.linalg.trace import hutchinson_trace
+from curvlens.measure import analyze_model
 from curvlens.optim import SpectralNewton, split_parameters
 from curvlens.results import LayerReport, Report
 
@@ -47,8 +50,10 @@ __all__ = [
     "LayerInfo",
     "LayerKind",
     "LayerSpec",
+    "MatrixSlot",
     "find_layers",
     "register_layer",
+    "register_matrix_view",
     "weight_matrix",
     "Capture",
     # numerical kernels (model-agnostic)

@@ -53,10 +53,11 @@ def backpack_factors(
             f"{loss_fn!r}; use backend='hooks'"
         )
     for name, info in chosen.items():
-        if not info.spec.inputs_are_columns or getattr(info.module, "groups", 1) != 1:
+        if (not info.spec.inputs_are_columns or getattr(info.module, "groups", 1) != 1
+                or info.spec.attach is not None or info.param != "weight"):
             raise ValueError(
                 f"layer {name!r} ({type(info.module).__name__}) has no BackPACK Kronecker factors "
-                "(embeddings and grouped convolutions are not supported there); use "
+                "(embeddings, attention and grouped convolutions are not supported there); use "
                 "backend='hooks' or leave the layer out"
             )
     twin = copy.deepcopy(model)

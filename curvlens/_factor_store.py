@@ -190,7 +190,8 @@ class FactorAccumulator:
     def __init__(self, layers: Mapping[str, LayerInfo], *,
                  memory_budget: int | float | str | None = None,
                  sketch_above: int = SKETCH_ABOVE, sketch_rank: int = SKETCH_RANK) -> None:
-        self.layers = dict(layers)
+        # matrices without a capture adapter (spec None) have no factors to accumulate
+        self.layers = {name: info for name, info in layers.items() if info.spec is not None}
         self.options = dict(memory_budget=memory_budget, sketch_above=sketch_above,
                             sketch_rank=sketch_rank)
         self._budget: int | None = None

@@ -9,7 +9,8 @@ identity: a tensor shared by several modules appears once, and replacing it repl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.func import functional_call
 
 __all__ = [
     "Inputs",
+    "no_fused_attention",
     "as_tuple",
     "check_batch",
     "checked_loss",
@@ -51,6 +53,19 @@ def check_batch(inputs: tuple[Any, ...], where: str) -> None:
                 f"{where}: empty batch (an input of shape {tuple(x.shape)}); curvature is "
                 "measured on at least one sample"
             )
+
+
+@contextmanager
+def no_fused_attention() -> Iterator[None]:
+    """Turn off the fused inference kernels of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` (taken when gradients are off, which forward-mode
+    differentiation needs): they have no forward-mode derivative, the plain path has."""
+    flag = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(flag)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -190,15 +190,16 @@ class StepRecorder:
                     "used in the forward pass. Call lens.step() after loss.backward(), or leave "
                     f"the layer out with CurvatureLens(..., layers=[...])"
                 )
-            grads[name] = grad.detach().reshape(grad.shape[0], -1)  # [m, n]
+            grads[name] = info.extract(grad.detach())  # [m, n]
         scaler_stats, unscaled, found_inf = self._scaler_stats()
-        pairs = [(name, x, g) for name, record in (capture.records.items() if capture else ())
-                 if name not in self.skipped for x, g in record.pairs()]
+        pairs = [(name, record.inputs[c], g, record.samples[c])  # samples as the adapter reads
+                 for name, record in (capture.records.items() if capture else ())
+                 if name not in self.skipped for c, g in zip(record.calls, record.output_grads)]
         check_grads = self.check_finite or scaler_stats is not None
         parts = ([torch.isfinite(g).all().double().reshape(1) for g in grads.values()]
                  if check_grads else [])
         parts += [torch.linalg.vector_norm(g, dtype=torch.float64).square().reshape(1)
-                  for _, _, g in pairs]  # sum of squares: NaN/Inf if any entry is
+                  for _, _, g, _ in pairs]  # sum of squares: NaN/Inf if any entry is
         parts += [t.reshape(1) for t in found_inf]
         if scaler_stats is not None:
             parts.append(scaler_stats)
@@ -216,7 +217,7 @@ class StepRecorder:
                 f"lens.step(), so scaler.update() ran too early; use the order {_CALL_ORDER}"
             )
         bad_grads = [n for n, ok in zip(grads, grad_ok) if not ok]
-        bad_outputs = [n for (n, _, _), sq in zip(pairs, squares) if not _finite(sq)]
+        bad_outputs = [n for (n, _, _, _), sq in zip(pairs, squares) if not _finite(sq)]
         if scaler_stats is not None and (overflow or bad_grads or bad_outputs):
             self.skipped_steps += 1  # the scaler skips this optimizer step: so does the lens
             return None
@@ -242,10 +243,10 @@ class StepRecorder:
         float64 on the host, against the largest value of the dtype the sums are kept in.
         """
         traces = dict(self._grad_trace)
-        for (name, x, g), sq in zip(pairs, squares):
+        for (name, _, g, batch), sq in zip(pairs, squares):
             if name in self.skipped:
                 continue
-            scale = batch_scale(self.loss_fn, _batch(x)) / loss_scale
+            scale = batch_scale(self.loss_fn, batch) / loss_scale
             traces[name] += sq * scale * scale
             limit = torch.finfo(_work_dtype(g)).max
             if traces[name] > limit:
@@ -270,13 +271,12 @@ class StepRecorder:
             sigma = (sigma / divide) if divide != 1.0 else sigma.clone()  # standalone [k]
             self.gradient_spectra[name].append((step, sigma))
         added = False
-        for name, x, g in pairs:
+        for name, x, g, batch in pairs:
             if name in self.skipped:
                 continue
             if g.dtype in (torch.float16, torch.bfloat16):  # sums of squares overflow in half
                 x = x.float() if x.is_floating_point() else x
                 g = g.float()
-            batch = _batch(x)
             try:
                 self.accumulator.add_inputs(name, x)
                 self.accumulator.add_grads(
@@ -286,10 +286,6 @@ class StepRecorder:
                 continue
             added = True
         self.recorded_factor_steps += int(added)
-
-
-def _batch(x: Tensor) -> int:
-    return int(x.shape[0]) if x.dim() > 0 else 1
 
 
 def _work_dtype(g: Tensor) -> torch.dtype:

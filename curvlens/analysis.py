@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvlens._dist import batch_mean
 from curvlens._layer_fields import (
     _alignment,
     _eps_of,
@@ -50,18 +49,12 @@ from curvlens._layer_fields import (
     _zero_gradient,
     _zeta,
 )
-from curvlens._modes import STOCHASTIC_MODULES
 from curvlens.alignment import log_slope
 from curvlens.fit import _fit_log_log, _participation
-from curvlens.hessian import directional_curvature, measurement_mode
-from curvlens.hessian_spectrum import block_eigenvalues
-from curvlens.kronecker import kronecker_factors
-from curvlens.layers import LayerInfo, find_layers
-from curvlens.linalg.svd import gradient_svd
 from curvlens.results import LayerReport, Report
 from curvlens.spectra.weight_tails import weight_tail_stats
 
-__all__ = ["LayerReport", "Report", "analyze_layer", "analyze_model"]
+__all__ = ["LayerReport", "Report", "analyze_layer"]
 
 _NAN = float("nan")
 
@@ -233,185 +226,3 @@ def _weight_corollary(v: dict, ex: _Explain) -> None:
     if math.isfinite(a) and math.isfinite(s) and not a < s:
         ex.warn(f"weight_alpha = {a:.3g} >= s = {s:.3g}: the paper's corollary "
                 "weight_alpha < s does not hold for this layer")
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-def analyze_model(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    inputs: Tensor | Sequence[Tensor],
-    targets: Any,
-    *,
-    layers: Iterable[str] | None = None,
-    top_k: int = 20,
-    kronecker_mode: str = "empirical",
-    kronecker_backend: str | None = "hooks",
-    lanczos_k: int | None = None,
-    noise_floor: bool = True,
-    paper_compatible: bool = False,
-    bootstrap: int = 2000,
-    seed: int = 0,
-    epoch: int | None = None,
-    step: int | None = None,
-    meta: dict[str, Any] | None = None,
-) -> Report:
-    """Measure every supported layer of ``model`` on one fixed batch and analyze it.
-
-    Per layer: the gradient ``G`` of the mean loss (``torch.autograd.grad``, matrix view), its
-    top-``K`` SVD (:func:`curvlens.linalg.svd.gradient_svd`), the exact ``h_k``
-    (:func:`curvlens.hessian.directional_curvature`), the Kronecker factors
-    (:func:`curvlens.kronecker.kronecker_factors`), the top Hessian-block eigenvalues by Lanczos,
-    and the half-batch noise ``||(G1 - G2)/2||_2``; then :func:`analyze_layer`. Everything runs
-    inside :func:`curvlens.hessian.measurement_mode` (dropout off, batch-norm in eval mode).
-
-    Under an initialized ``torch.distributed`` process group every process passes its own shard
-    of the fixed batch and calls this function: gradients, ``h_k``, Lanczos products and
-    Kronecker statistics are averaged over processes (weighted by shard size), so each process
-    reports what one process would report on the union of the shards. Only the noise floor
-    differs: its half-batches are the halves of each shard.
-
-    Args:
-        model: the network, called as ``model(*inputs)``.
-        loss_fn: ``loss_fn(output, targets)``, a mean over the batch.
-        inputs: the fixed batch ``[B, ...]`` (a tensor or a tuple of tensors).
-        targets: its targets ``[B, ...]``.
-        layers: qualified layer names (default: every supported layer).
-        top_k: window ``K`` (clipped to ``min(m, n)`` per layer, with a warning in the report).
-        kronecker_mode: ``"empirical"``, ``"fisher"`` or ``"ggn"``; kronecker_backend:
-            ``"hooks"`` or ``"backpack"`` (see :mod:`curvlens.kronecker`), or ``None`` to skip
-            the factors (no ``h_kron``, no alpha budget; the report says so).
-        lanczos_k: number of top block eigenvalues (default ``top_k``; 0 skips Lanczos).
-        noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
-        paper_compatible, bootstrap, seed: passed to :func:`analyze_layer`.
-        epoch, step, meta: stored in the :class:`Report`.
-
-    Returns:
-        A :class:`Report` with one :class:`LayerReport` per layer.
-
-    Raises:
-        ValueError: empty batch, bad option, unknown layer.
-        RuntimeError: NaN/Inf loss or gradient (names the layer), a layer the loss does not
-            reach.
-    """
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    lanczos_k = top_k if lanczos_k is None else lanczos_k
-    if not isinstance(lanczos_k, int) or lanczos_k < 0:
-        raise ValueError(f"lanczos_k must be a non-negative int, got {lanczos_k!r}")
-    args = _as_inputs(inputs)
-    batch = int(args[0].shape[0])
-    found = find_layers(model, layers, on_unsupported="skip")
-    if not found:
-        raise ValueError("the model has no trainable supported layer (Linear, Conv, Embedding)")
-    names = list(found)
-    with measurement_mode(model):
-        grads = _layer_gradients(model, loss_fn, args, targets, found)
-        noise = (_half_batch_noise(model, loss_fn, args, targets, found)
-                 if noise_floor and batch >= 2 else {})
-        factors = ({} if kronecker_backend is None else
-                   kronecker_factors(model, loss_fn, args, targets, mode=kronecker_mode,
-                                     backend=kronecker_backend, layers=names))
-        notes = _measurement_notes(model, kronecker_mode, kronecker_backend, batch)
-        if not noise_floor or batch < 2:
-            notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
-                                               else "needs a batch of at least 2 samples"))
-        reports: dict[str, LayerReport] = {}
-        for name, info in found.items():
-            G = grads[name]
-            m, n = G.shape
-            k = min(top_k, m, n)
-            extra = [] if k == top_k else [f"top_k={top_k} clipped to min(m, n) = {k}"]
-            if not bool(G.any()):
-                warnings.warn(f"layer {name!r}: the gradient on the fixed batch is exactly zero; "
-                              "its report is NaN", stacklevel=2)
-                reports[name] = analyze_layer(torch.zeros(k), torch.zeros(k), name=name,
-                                              shape=(m, n), kind=info.kind.value, notes=notes)
-                continue
-            U, S, V = gradient_svd(G, k)
-            h = batch_mean(directional_curvature(model, loss_fn, args, targets, info, U, V),
-                           batch)
-            lam = (block_eigenvalues(model, loss_fn, args, targets, info, min(lanczos_k, m * n),
-                                     generator=torch.Generator(G.device).manual_seed(seed))
-                   if lanczos_k else None)
-            f = factors.get(name)
-            reports[name] = analyze_layer(
-                S, h, name=name, shape=(m, n), kind=info.kind.value,
-                C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
-                U=U, V=V, lambda_top=lam, noise_norm=noise.get(name), weight=info.matrix(),
-                paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
-                notes=notes + extra,
-            )
-    info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
-            "kronecker_backend": str(kronecker_backend), "batch_size": batch,
-            "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed}
-    return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
-
-
-def _as_inputs(inputs: Any) -> tuple[Any, ...]:
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
-        raise ValueError("inputs must be a tensor [B, ...] or a tuple of tensors with a batch "
-                         "dimension")
-    if args[0].shape[0] == 0:
-        raise ValueError("empty batch: inputs have batch size 0; pass at least one sample")
-    return args
-
-
-def _layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
-                     found: dict[str, LayerInfo], what: str = "the fixed batch"
-                     ) -> dict[str, Tensor]:
-    """``{name: dL/dW [m, n]}`` of the mean loss, checked for NaN/Inf and unused layers."""
-    loss = loss_fn(model(*args), targets)
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                         f"{tuple(getattr(loss, 'shape', ()))}")
-    if not bool(torch.isfinite(loss)):
-        raise RuntimeError(f"the loss on {what} is {float(loss)}; check the inputs, the "
-                           "targets and the learning rate")
-    weights = [info.weight for info in found.values()]
-    grads = torch.autograd.grad(loss, weights, allow_unused=True)
-    out: dict[str, Tensor] = {}
-    for (name, info), g in zip(found.items(), grads):
-        if g is None:
-            raise RuntimeError(f"layer {name!r} is not used by the loss on {what}; leave it "
-                               "out with `layers=`")
-        g = g.to_dense() if g.is_sparse else g  # nn.Embedding(sparse=True)
-        if not bool(torch.isfinite(g).all()):
-            raise RuntimeError(f"layer {name!r}: the gradient on {what} has NaN or Inf "
-                               "entries; check the loss scale, the inputs and the weights")
-        out[name] = batch_mean(g.detach().reshape(info.matrix_shape), int(args[0].shape[0]))
-    return out
-
-
-def _half_batch_noise(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
-                      found: dict[str, LayerInfo]) -> dict[str, float]:
-    """``{name: ||(G1 - G2) / 2||_2}`` for the two halves of the batch."""
-    half = int(args[0].shape[0]) // 2
-
-    def part(sl: slice) -> tuple[tuple, Any]:
-        sub = tuple(a[sl] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
-        return sub, targets[sl] if isinstance(targets, Tensor) else targets
-
-    g1 = _layer_gradients(model, loss_fn, *part(slice(0, half)), found, "the first half-batch")
-    g2 = _layer_gradients(model, loss_fn, *part(slice(half, 2 * half)), found,
-                          "the second half-batch")
-    return {name: float(torch.linalg.matrix_norm((g1[name] - g2[name]).double() / 2, ord=2))
-            for name in found}
-
-
-def _measurement_notes(model: nn.Module, mode: str, backend: str, batch: int) -> list[str]:
-    notes = [f"fixed batch of {batch} samples"]
-    if backend is None:
-        notes.append("Kronecker factors not measured (kronecker_backend=None)")
-    else:
-        notes.append(f"Kronecker factors: mode={getattr(mode, 'value', mode)}, backend="
-                     f"{getattr(backend, 'value', backend)} (conv: C_delta carries the T output "
-                     "locations; chi's level depends on this convention, slopes do not)")
-    switched = sorted({type(m).__name__ for m in model.modules()
-                       if isinstance(m, STOCHASTIC_MODULES)})
-    if switched:
-        notes.append(f"measured with dropout off and batch-norm in eval mode ({', '.join(switched)}"
-                     " switched to eval during measurement)")
-    return notes

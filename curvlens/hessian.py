@@ -35,6 +35,7 @@ from curvlens._functional_model import (
     check_loss,
     checked_loss,
     loss_with,
+    no_fused_attention,
     param_name,
     trainable_parameters,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "GradGraph",
     "block_hvp",
     "directional_curvature",
+    "layer_hvp",
     "measurement_mode",
     "model_hvp",
 ]
@@ -163,7 +165,7 @@ def block_hvp(
         loss_fn: ``(model(*inputs), targets) -> scalar``, the mean loss over the batch.
         inputs: the batch, a tensor or a tuple of tensors (``model(*inputs)``).
         targets: passed to ``loss_fn`` as is.
-        layer: a supported layer (qualified name, module or :class:`~curvlens.layers.LayerInfo`).
+        layer: a weight matrix (report name, module or :class:`~curvlens.layers.LayerInfo`).
         V: ``[k, m, n]`` directions in the layer's matrix view, same device and dtype as the
             weight.
         max_batch: at most this many directions per batched backward pass (memory budget);
@@ -198,11 +200,15 @@ def block_hvp(
         return torch.zeros_like(V)
     with measurement_mode(model):
         graph = GradGraph(model, loss_fn, args, targets, [w], where)
-        chunks = [
-            graph.hvp([c.reshape(c.shape[0], *w.shape)], batched=True)[0].reshape(-1, m, n)
-            for c in V.split(max_batch or k)
-        ]
+        chunks = [layer_hvp(graph, info, c) for c in V.split(max_batch or k)]
     return torch.cat(chunks)
+
+
+def layer_hvp(graph: GradGraph, info: LayerInfo, D: Tensor) -> Tensor:
+    """``H_WW D_j`` for ``D [b, m, n]`` in ``info``'s matrix view; ``graph`` is over
+    ``[info.weight]``. A row block is embedded into its whole parameter (zeros elsewhere) and
+    the product read back from the same rows, which is the block's own Hessian."""
+    return info.extract(graph.hvp([info.embed(D)], batched=True)[0])
 
 
 def directional_curvature(
@@ -224,7 +230,7 @@ def directional_curvature(
         loss_fn: ``(model(*inputs), targets) -> scalar`` mean loss.
         inputs: the batch, a tensor or a tuple of tensors.
         targets: passed to ``loss_fn``.
-        layer: a supported layer (name, module or ``LayerInfo``).
+        layer: a weight matrix (report name, module or ``LayerInfo``).
         U: ``[m, k]`` left vectors (e.g. left singular vectors of the gradient).
         V: ``[n, k]`` right vectors.
         method: ``"forward"`` (second directional derivative by forward-over-forward ``jvp``,
@@ -294,7 +300,7 @@ def _curvature_forward(
     """``d^2/dt^2 L(W + t D_k)`` at ``t = 0`` by jvp-of-jvp, vmapped over ``k``."""
     w = info.weight
     name = param_name(model, w, where)
-    with torch.no_grad():
+    with torch.no_grad(), no_fused_attention():
         check_loss(loss_with(model, loss_fn, args, targets), where)
         w0 = w.detach()
 
@@ -309,7 +315,7 @@ def _curvature_forward(
 
         if D.shape[0] == 0:
             return D.new_zeros(0)
-        Dw = D.reshape(D.shape[0], *w.shape)
+        Dw = info.embed(D)  # [k, *weight.shape]: a row block sits in its rows
         return vmap(second, chunk_size=max_batch)(Dw).reshape(-1)
 
 

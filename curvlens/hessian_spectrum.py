@@ -12,6 +12,7 @@ budget (thick restart).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from curvlens._budget import check_fits, count_that_fits, resolve_budget
 from curvlens._dist import batch_mean, is_distributed
 from curvlens._functional_model import Inputs, as_tuple, check_batch, trainable_parameters
 from curvlens._modes import measurement_mode
-from curvlens.hessian import GradGraph, LossFn, _layer, flat_hvp
+from curvlens.hessian import GradGraph, LossFn, _layer, flat_hvp, layer_hvp
 from curvlens.layers import LayerInfo, resolve_layer
 from curvlens.linalg.lanczos import Which, lanczos, parse_which
 from curvlens.linalg.slq import SpectralDensity, spectral_density
@@ -44,6 +45,7 @@ def _graph(
         if not params:
             raise ValueError(f"{where}: no trainable parameters (all have requires_grad=False)")
         shape: tuple[int, ...] = (sum(p.numel() for p in params),)
+        info = None
     else:
         info, where = _layer(model, layer)
         params, shape = [info.weight], info.matrix_shape
@@ -51,6 +53,7 @@ def _graph(
     check_batch(args, where)
     graph = GradGraph(model, loss_fn, args, targets, params, where)
     graph.batch_size = int(args[0].shape[0])
+    graph.layer = info
     return graph, shape
 
 
@@ -71,9 +74,18 @@ def _matvec(graph: GradGraph) -> Callable[[Tensor], Tensor]:
     """Flat ``[dim] -> [dim]`` (and column-batched ``[dim, b] -> [dim, b]``) Hessian product."""
 
     batch = graph.batch_size
+    info = graph.layer
+
+    def hvp(rows: Tensor) -> Tensor:  # rows: [b, dim]
+        m, n = info.matrix_shape
+        D = rows.reshape(-1, m, n).to(info.weight.dtype)
+        return layer_hvp(graph, info, D).reshape(rows.shape).to(rows.dtype)
 
     def matvec(x: Tensor) -> Tensor:
-        out = flat_hvp(graph, x) if x.dim() == 1 else flat_hvp(graph, x.mT).mT
+        if info is None:
+            out = flat_hvp(graph, x) if x.dim() == 1 else flat_hvp(graph, x.mT).mT
+        else:
+            out = hvp(x[None])[0] if x.dim() == 1 else hvp(x.mT).mT
         return batch_mean(out, batch)  # under torch.distributed: the union of the batches
 
     return matvec
@@ -111,7 +123,7 @@ def _eigen(
 ) -> Tensor | tuple[Tensor, Tensor]:
     with measurement_mode(model):
         graph, shape = _graph(model, loss_fn, inputs, targets, layer)
-        dim = sum(p.numel() for p in graph.params)
+        dim = math.prod(shape)
         work = _work_dtype(graph, dtype)
         device = graph.params[0].device
         name = "model" if layer is None else resolve_layer(model, layer).name
@@ -248,9 +260,9 @@ def hessian_trace(
         :class:`~curvlens.linalg.trace.TraceEstimate` ``(estimate, std_error, samples)``.
     """
     with measurement_mode(model):
-        graph, _ = _graph(model, loss_fn, inputs, targets, layer)
+        graph, shape = _graph(model, loss_fn, inputs, targets, layer)
         return hutchinson_trace(
-            _matvec(graph), sum(p.numel() for p in graph.params), num_samples,
+            _matvec(graph), math.prod(shape), num_samples,
             batch_size=batch_size, distribution=distribution, generator=_shared(generator),
             dtype=_work_dtype(graph, dtype), device=graph.params[0].device, progress=progress,
         )
@@ -281,9 +293,9 @@ def hessian_density(
         :class:`~curvlens.linalg.slq.SpectralDensity` (nodes, weights, grid, density, sigma).
     """
     with measurement_mode(model):
-        graph, _ = _graph(model, loss_fn, inputs, targets, layer)
+        graph, shape = _graph(model, loss_fn, inputs, targets, layer)
         return spectral_density(
-            _matvec(graph), sum(p.numel() for p in graph.params), num_probes=num_probes,
+            _matvec(graph), math.prod(shape), num_probes=num_probes,
             num_iter=num_iter, grid=grid, num_points=num_points, sigma=sigma,
             generator=_shared(generator), dtype=_work_dtype(graph, dtype),
             device=graph.params[0].device, progress=progress,

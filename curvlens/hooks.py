@@ -1,8 +1,10 @@
 """Capture of layer inputs and output gradients, owned by a context manager.
 
-:class:`Capture` registers one forward hook per chosen layer. The hook stores the layer's input
-(detached) and, when the output takes part in autograd, hangs a tensor hook on the output that
-stores ``dL/dy`` during backward. Every handle lives in the manager and is removed in
+:class:`Capture` registers one forward hook per chosen matrix's module (or the hooks of the
+matrix's capture adapter, e.g. for ``nn.MultiheadAttention``, whose projections no module hook
+sees). The hook stores the input (detached) and, when the output takes part in autograd, hangs a
+tensor hook on the output that stores ``dL/dy`` during backward. Matrices without an adapter
+(``LayerInfo.spec is None``) are not hooked. Every handle lives in the manager and is removed in
 ``__exit__`` (also when the body raises); captured tensors live in the manager's own dict, keyed
 by layer name, never on the modules. Forward passes under ``torch.no_grad()`` are ignored, and
 nothing captured holds on to the autograd graph.
@@ -21,9 +23,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +46,11 @@ class LayerRecord:
         output_grads: ``dL/dy`` per backward through that call's output, in the order backward
             produced them; ``calls[i]`` says which forward call ``output_grads[i]`` belongs to.
         calls: forward-call index of each entry of ``output_grads``.
+        samples: samples in each forward call (the batch size the adapter reads off).
     """
 
     inputs: list[Tensor] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
     output_grads: list[Tensor] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
 
@@ -76,10 +81,9 @@ class Capture:
         output_grads: bool = True,
         enabled=None,
     ) -> None:
-        if isinstance(layers, Mapping):
-            self.layers = dict(layers)
-        else:
-            self.layers = find_layers(model, layers, on_unsupported="skip")
+        if not isinstance(layers, Mapping):
+            layers = find_layers(model, layers, on_unsupported="skip")
+        self.layers = {name: info for name, info in layers.items() if info.spec is not None}
         self.model = model
         self._want_inputs = inputs
         self._want_grads = output_grads
@@ -92,9 +96,17 @@ class Capture:
     def __enter__(self) -> Capture:
         if self.active:
             raise RuntimeError("this Capture is already active; use a new one to nest captures")
+        groups: dict[tuple[int, int], tuple[LayerInfo, dict[str, LayerInfo]]] = {}
+        for name, info in self.layers.items():
+            key = (id(info.module), id(info.spec))
+            groups.setdefault(key, (info, {}))[1][name] = info
         try:
-            for name, info in self.layers.items():
-                self._handles.append(info.module.register_forward_hook(self._hook_for(name)))
+            for first, infos in groups.values():
+                if first.spec.attach is not None:
+                    self._handles += first.spec.attach(first.module, infos, self)
+                    continue
+                for name in infos:
+                    self._handles.append(first.module.register_forward_hook(self._hook_for(name)))
         except BaseException:
             self.remove()
             raise
@@ -120,26 +132,41 @@ class Capture:
         """Forget everything recorded so far (hooks stay in place)."""
         for record in self.records.values():
             record.inputs.clear()
+            record.samples.clear()
             record.output_grads.clear()
             record.calls.clear()
 
     # ----------------------------------------------------------------- hooks
-    def _hook_for(self, name: str):
+    def save_input(self, name: str, x: Tensor, samples: int | None = None) -> int | None:
+        """Record one forward call's input of matrix ``name``; its call index, or ``None`` when
+        nothing is recorded (gradients off, or the ``enabled`` switch says no)."""
+        if not torch.is_grad_enabled():
+            return None
+        if self._enabled is not None and not self._enabled():
+            return None
+        record = self.records[name]
+        record.inputs.append(x.detach() if self._want_inputs else x.new_empty(0))
+        record.samples.append(int(samples if samples is not None else
+                                  (x.shape[0] if x.dim() > 0 else 1)))
+        return len(record.inputs) - 1
+
+    def watch(self, name: str, call: int, y: Any, select: Callable | None = None) -> None:
+        """Record ``dL/dy`` (through ``select``, e.g. a block of columns) during backward."""
+        if not (self._want_grads and isinstance(y, Tensor) and y.requires_grad):
+            return
         record = self.records[name]
 
+        def grad_hook(grad: Tensor) -> None:
+            g = grad if select is None else select(grad)
+            record.output_grads.append(g.detach())
+            record.calls.append(call)
+
+        y.register_hook(grad_hook)
+
+    def _hook_for(self, name: str):
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not torch.is_grad_enabled():
-                return
-            if self._enabled is not None and not self._enabled():
-                return
-            call = len(record.inputs)
-            record.inputs.append(args[0].detach() if self._want_inputs else args[0].new_empty(0))
-            if self._want_grads and isinstance(output, Tensor) and output.requires_grad:
-
-                def grad_hook(grad: Tensor) -> None:
-                    record.output_grads.append(grad.detach())
-                    record.calls.append(call)
-
-                output.register_hook(grad_hook)
+            call = self.save_input(name, args[0])
+            if call is not None:
+                self.watch(name, call, output)
 
         return forward_hook

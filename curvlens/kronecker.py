@@ -190,6 +190,7 @@ def kronecker_factors(
     mc_samples: int = 1,
     distributed: bool = True,
     memory_budget: int | float | str | None = None,
+    skip_empty: bool = False,
 ) -> dict[str, KroneckerFactors]:
     """Kronecker factors of every chosen layer on one batch.
 
@@ -213,9 +214,11 @@ def kronecker_factors(
         memory_budget: bytes one dense factor side may take (see :mod:`curvlens._budget`);
             larger sides (and sides above 8192) are kept as sketches, diagonal sides (an
             Embedding's one-hot side) as vectors.
+        skip_empty: leave out matrices the forward pass never reached instead of raising.
 
     Returns:
-        ``{layer_name: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``.
+        ``{layer_name: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``, for the
+        matrices with a capture adapter (see :mod:`curvlens.adapters`); others are left out.
 
     Raises:
         ValueError: bad mode/backend, empty batch, a loss the mode cannot handle, a model BackPACK
@@ -235,7 +238,8 @@ def kronecker_factors(
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples!r}")
     inputs = _as_tuple(inputs)
     B = _check_batch(inputs)
-    chosen = find_layers(model, layers, on_unsupported="skip")
+    chosen = {name: info for name, info in find_layers(model, layers, on_unsupported="skip").items()
+              if info.spec is not None}
     if backend is FactorBackend.BACKPACK:
         from curvlens._backpack import backpack_factors
 
@@ -244,7 +248,7 @@ def kronecker_factors(
                         memory_budget)
     if distributed:
         acc.all_reduce()
-    return acc.factors()
+    return acc.factors(skip_empty=skip_empty)
 
 
 def _hook_factors(
@@ -259,7 +263,7 @@ def _hook_factors(
     B: int,
     memory_budget: int | float | str | None = None,
 ) -> FactorAccumulator:
-    weights = [info.weight for info in chosen.values()]
+    weights = list({id(info.weight): info.weight for info in chosen.values()}.values())
     scale = batch_scale(loss_fn, B)
     acc = FactorAccumulator(chosen, memory_budget=memory_budget)
     with Capture(model, chosen) as cap:
@@ -294,8 +298,11 @@ def _hook_factors(
         for name, record in cap.records.items():
             for x in record.inputs:
                 acc.add_inputs(name, x)
-            for j, g in enumerate(record.output_grads):
-                counts = B if (mode is not FactorMode.GGN or j % passes == 0) else 0
-                acc.add_grads(name, g, scale=scale, samples=counts)
+            for j, (call, g) in enumerate(zip(record.calls, record.output_grads)):
+                # samples as the adapter reads them (seq-first attention: dim 1), except in
+                # "ggn" mode, whose output-gradient passes are scaled per model sample above
+                b = B if mode is FactorMode.GGN else record.samples[call]
+                counts = b if (mode is not FactorMode.GGN or j % passes == 0) else 0
+                acc.add_grads(name, g, scale=batch_scale(loss_fn, b), samples=counts)
     return acc
 

@@ -1,41 +1,49 @@
-"""Which modules curvlens measures, and how each one's weight is seen as a matrix.
+"""What curvlens measures: every trainable weight matrix of a model, found by its parameters.
 
-A supported layer has a weight that curvlens views as an ``m x n`` matrix ``W``:
+The unit of measurement is a trainable parameter with at least two dimensions, seen as an
+``m x n`` matrix (:class:`LayerInfo`): its report name, the parameter, a view to ``[m, n]`` (a
+reshape, optionally a block of rows), every name under which the model shares it (tied weights are
+measured once), its kind and its owning module. :func:`find_layers` walks
+``model.named_parameters()`` module by module; a module type may describe its parameters through
+:func:`register_matrix_view` (``nn.MultiheadAttention`` splits ``in_proj_weight`` into the rows
+of q, k and v; recurrent weights are of kind ``recurrent``); every other parameter is viewed as
+``weight.flatten(1)`` after dropping leading dimensions of size one.
 
-===================  =====================================  ==========================
-module               matrix view ``W``                       Kronecker sides
-===================  =====================================  ==========================
-``nn.Linear``        ``weight`` ``[out, in]``                rows: output grads,
-                                                             columns: inputs
-``nn.Conv{1,2,3}d``  ``weight.flatten(1)``                   rows: output grads per
-                     ``[out, in/groups * prod(kernel)]``     location, columns: patches
-``nn.Embedding``     ``weight`` ``[num, dim]``               rows: one-hot indices,
-                                                             columns: output grads
-===================  =====================================  ==========================
-
-New module types are added with :func:`register_layer`; the rest of curvlens looks them up in
-the registry and never branches on module types itself.
+Naming: a ``weight`` with a capture adapter (:mod:`curvlens.adapters`) is reported under its
+module's name (``"features.0"``); every other matrix under its parameter's qualified name
+(``"lstm.weight_hh_l0"``), row blocks with a suffix (``"attn.in_proj_weight.q"``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlens import _attention  # noqa: F401  (registers the attention view and adapter)
 from curvlens._options import parse_option
+from curvlens.adapters import (
+    LayerKind,
+    LayerSpec,
+    MatrixSlot,
+    layer_spec,
+    register_layer,
+    registered_adapters,
+)
 
 __all__ = [
     "LayerKind",
     "LayerSpec",
     "LayerInfo",
+    "MatrixSlot",
     "OnUnsupported",
     "register_layer",
+    "register_matrix_view",
     "layer_spec",
     "find_layers",
     "resolve_layer",
@@ -43,231 +51,196 @@ __all__ = [
 ]
 
 
-class LayerKind(str, Enum):
-    """What a layer is, for reports and for routing in the optimizer."""
-
-    LINEAR = "linear"
-    CONV = "conv"
-    EMBEDDING = "embedding"
-    HEAD = "head"
-
-
 class OnUnsupported(str, Enum):
-    """What to do with trainable parameters that belong to no supported layer."""
+    """What to do with trainable parameters that no measured matrix covers (e.g. norm scales)."""
 
     ERROR = "error"
     WARN = "warn"
     SKIP = "skip"
 
 
-@dataclass(frozen=True, kw_only=True)
-class LayerSpec:
-    """How curvlens handles one module type.
-
-    The gradient of the matrix view is a sum of outer products of "input-side" rows and
-    "gradient-side" rows. For Linear and Conv layers the input side spans the columns
-    (``n``) and the gradient side the rows (``m``) of ``W``; for Embedding it is the other way
-    round (one-hot indices pick rows of ``W``), which ``inputs_are_columns`` records.
-
-    Attributes:
-        kind: the report kind of such layers.
-        matrix: ``module -> W [m, n]``, a view of the weight (no copy).
-        input_rows: ``(module, input) -> [N, n or m]``: input-side rows, one per weight
-            application (conv: one unfolded patch per output location and group).
-        grad_rows: ``(module, output_grad) -> [N, m or n]``: gradient-side rows.
-        locations: ``(module, input) -> T``, weight applications per sample (conv: output
-            locations; sequence inputs: tokens; plain Linear: 1).
-        inputs_are_columns: whether the input side is the column (``n``) side of ``W``.
-    """
-
-    kind: LayerKind
-    matrix: Callable[[nn.Module], Tensor]
-    input_rows: Callable[[nn.Module, Tensor], Tensor]
-    grad_rows: Callable[[nn.Module, Tensor], Tensor]
-    locations: Callable[[nn.Module, Tensor], int]
-    inputs_are_columns: bool = True
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerInfo:
-    """A supported layer found in a model.
+    """A measured weight matrix.
 
     Attributes:
-        name: qualified name from ``model.named_modules()`` (e.g. ``"features.0"``).
-        module: the module itself.
-        spec: its :class:`LayerSpec`.
-        kind: ``spec.kind``, or ``HEAD`` for the model's last Linear layer.
+        name: report name (module name for adapted ``weight`` parameters, else the
+            parameter's qualified name, with a suffix for a row block).
+        module: the module that owns the matrix (for ``nn.MultiheadAttention``'s ``out_proj``:
+            the attention module, whose forward uses it).
+        spec: the capture adapter (:class:`LayerSpec`), or ``None`` when the Kronecker factors
+            cannot be captured (``reason`` says why).
+        kind: report kind (``HEAD`` for the model's last Linear layer).
+        param: the parameter's attribute path inside ``module``.
+        rows: ``(start, stop)`` rows of the parameter's 2-D view, or ``None`` for all rows.
+        aliases: every qualified parameter name that refers to this tensor (tied weights).
+        reason: why there is no adapter (empty when ``spec`` is set).
     """
 
     name: str
     module: nn.Module
-    spec: LayerSpec
+    spec: LayerSpec | None
     kind: LayerKind
+    param: str = "weight"
+    rows: tuple[int, int] | None = None
+    aliases: tuple[str, ...] = ()
+    reason: str = ""
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight
+        """The whole parameter (for a row block: the parameter that holds it)."""
+        return self.module.get_parameter(self.param)
+
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """``(M, n)`` of the whole parameter's 2-D view."""
+        return _matrix_dims(self.weight.shape) or (1, self.weight.numel())
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """``(m, n)`` of the matrix view."""
-        m = self.weight.shape[0]
-        return int(m), int(self.weight.numel() // m)
+        M, n = self.full_shape
+        return (M if self.rows is None else self.rows[1] - self.rows[0]), n
 
     def matrix(self) -> Tensor:
         """The weight as its ``[m, n]`` matrix view (shares storage with the parameter)."""
-        return self.spec.matrix(self.module)
+        return self.extract(self.weight)
+
+    def extract(self, full: Tensor) -> Tensor:
+        """``[..., m, n]`` block of a parameter-shaped tensor ``[..., *weight.shape]``."""
+        M, n = self.full_shape
+        lead = full.shape[: full.dim() - self.weight.dim()]
+        view = full.reshape(*lead, M, n)
+        return view if self.rows is None else view[..., self.rows[0]:self.rows[1], :]
+
+    def embed(self, D: Tensor) -> Tensor:
+        """``[..., *weight.shape]``: ``D [..., m, n]`` placed in its rows, zeros elsewhere."""
+        M, _ = self.full_shape
+        if self.rows is not None:
+            D = F.pad(D, (0, 0, self.rows[0], M - self.rows[1]))
+        return D.reshape(*D.shape[:-2], *self.weight.shape)
 
     @property
     def has_bias(self) -> bool:
         return getattr(self.module, "bias", None) is not None
 
 
-_REGISTRY: dict[type[nn.Module], LayerSpec] = {}
+def _matrix_dims(shape: tuple[int, ...] | Iterable[int]) -> tuple[int, int] | None:
+    """``(M, n)`` of ``flatten(1)`` after dropping leading size-one dims; ``None``: a vector."""
+    dims = list(shape)
+    while len(dims) > 2 and dims[0] == 1:
+        dims.pop(0)
+    if len(dims) < 2:
+        return None
+    return int(dims[0]), int(math.prod(dims[1:]))
 
 
-def register_layer(module_type: type[nn.Module], spec: LayerSpec) -> None:
-    """Teach curvlens a new module type (subclasses of it match too, nearest type first).
+# --------------------------------------------------------------------------- matrix views
+
+_VIEWS: dict[type[nn.Module], Callable[[nn.Module], list[MatrixSlot]]] = {}
+
+
+def register_matrix_view(
+    module_type: type[nn.Module], view: Callable[[nn.Module], list[MatrixSlot]]
+) -> None:
+    """Say which matrices a module type exposes (e.g. one parameter split into row blocks).
+
+    ``view(module)`` returns :class:`MatrixSlot` s; parameters of a submodule may be claimed with
+    a dotted path (``"out_proj.weight"``). Parameters no slot names fall back to the default
+    view. Subclasses match too.
 
     Example:
+        >>> from torch import nn
+        >>> from curvlens.layers import MatrixSlot, find_layers, register_matrix_view
+        >>> class Pair(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = nn.Parameter(nn.init.eye_(torch.empty(4, 3)))
+        >>> register_matrix_view(Pair, lambda m: [MatrixSlot("w", "top", (0, 2)),
+        ...                                       MatrixSlot("w", "bottom", (2, 4))])
         >>> import torch
-        >>> from curvlens.layers import LayerKind, LayerSpec, register_layer, layer_spec
-        >>> class Scale(torch.nn.Linear):
-        ...     pass
-        >>> layer_spec(Scale(2, 3)).kind.value   # a subclass inherits Linear's handling
-        'linear'
+        >>> {k: v.matrix_shape for k, v in find_layers(nn.Sequential(Pair())).items()}
+        {'0.top': (2, 3), '0.bottom': (2, 3)}
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_layer needs an nn.Module subclass, got {module_type!r}")
-    if not isinstance(spec, LayerSpec):
-        raise TypeError(f"register_layer needs a LayerSpec, got {type(spec).__name__}")
-    _REGISTRY[module_type] = spec
+        raise TypeError(f"register_matrix_view needs an nn.Module subclass, got {module_type!r}")
+    if not callable(view):
+        raise TypeError(f"register_matrix_view needs a callable, got {type(view).__name__}")
+    _VIEWS[module_type] = view
 
 
-def layer_spec(module: nn.Module) -> LayerSpec | None:
-    """The registered spec of ``module``'s type (most derived match), or ``None``."""
+def _default_slots(module: nn.Module) -> list[MatrixSlot]:
+    """Every direct parameter of ``module`` with a matrix view."""
+    slots = []
+    for attr, p in module.named_parameters(recurse=False):
+        if _matrix_dims(p.shape) is None:
+            continue
+        adapted = layer_spec(module, attr) is not None
+        slots.append(MatrixSlot(attr, "" if adapted and attr == "weight" else attr))
+    return slots
+
+
+def _recurrent_slots(module: nn.Module) -> list[MatrixSlot]:
+    return [MatrixSlot(s.param, s.label, s.rows, LayerKind.RECURRENT)
+            for s in _default_slots(module)]
+
+
+def _slots(module: nn.Module) -> list[MatrixSlot]:
     for cls in type(module).__mro__:
-        spec = _REGISTRY.get(cls)
-        if spec is not None:
-            return spec
-    return None
+        view = _VIEWS.get(cls)
+        if view is not None:
+            claimed = view(module)
+            named = {s.param for s in claimed}
+            return claimed + [s for s in _default_slots(module) if s.param not in named]
+    return _default_slots(module)
 
 
-# --------------------------------------------------------------------------- built-in handlers
-
-
-def _flat_matrix(module: nn.Module) -> Tensor:
-    return module.weight.flatten(1)
-
-
-def _linear_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])  # [B*..., in]
-
-
-def _last_dim_rows(module: nn.Module, g: Tensor) -> Tensor:
-    return g.reshape(-1, g.shape[-1])  # [B*..., out]
-
-
-def _linear_locations(module: nn.Module, x: Tensor) -> int:
-    return int(x[0].numel() // x.shape[-1]) if x.dim() > 1 else 1
-
-
-def _conv_dim(module: nn.Module) -> int:
-    return module.weight.dim() - 2
-
-
-def _unfold(module: nn.Module, x: Tensor) -> Tensor:
-    """Patches of a conv input, ``[B, in * prod(kernel), T]`` in ``weight.flatten(1)`` order."""
-    d = _conv_dim(module)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = (0,) * d
-    elif isinstance(module.padding, str):
-        padding = _same_padding(module, x) if module.padding == "same" else (0,) * d
-        if module.padding == "same":
-            x = F.pad(x, padding)
-            padding = (0,) * d
-    else:
-        padding = module.padding
-    if d == 2:
-        return F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
-    # 1d and 3d: unfold each spatial dimension with Tensor.unfold.
-    x = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
-    B, C = x.shape[:2]
-    for i in range(d):
-        k, s, dil = module.kernel_size[i], module.stride[i], module.dilation[i]
-        span = dil * (k - 1) + 1
-        x = x.unfold(2 + i, span, s)[..., ::dil]  # new trailing dim of size k
-    # x: [B, C, L1..Ld, k1..kd] -> [B, C*k1..kd, L1*..*Ld]
-    x = x.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))
-    return x.reshape(B, C * math.prod(module.kernel_size), -1)
-
-
-def _same_padding(module: nn.Module, x: Tensor) -> tuple[int, ...]:
-    """Explicit ``F.pad`` amounts for ``padding="same"`` (stride 1), last dim first."""
-    pads: list[int] = []
-    for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation)):
-        total = dil * (k - 1)
-        pads += [total // 2, total - total // 2]
-    return tuple(pads)
-
-
-def _conv_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """Patch rows ``[B * T * groups, in/groups * prod(kernel)]``; groups stack as extra rows."""
-    patches = _unfold(module, x)  # [B, in*K, T]
-    B, _, T = patches.shape
-    G = module.groups
-    patches = patches.reshape(B, G, -1, T)  # [B, G, in/G*K, T]
-    return patches.permute(0, 3, 1, 2).reshape(B * T * G, -1)
-
-
-def _conv_grads(module: nn.Module, g: Tensor) -> Tensor:
-    """Output-gradient rows ``[B * T, out]``."""
-    return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
-
-
-def _conv_locations(module: nn.Module, x: Tensor) -> int:
-    return int(_unfold(module, x[:1]).shape[-1])
-
-
-def _embedding_onehot(module: nn.Module, x: Tensor) -> Tensor:
-    onehot = F.one_hot(x.reshape(-1), module.num_embeddings)  # [B*..., num]
-    return onehot.to(module.weight.dtype)
-
-
-def _embedding_locations(module: nn.Module, x: Tensor) -> int:
-    return int(x[0].numel()) if x.dim() > 1 else 1
-
-
-_LINEAR = LayerSpec(
-    kind=LayerKind.LINEAR,
-    matrix=_flat_matrix,
-    input_rows=_linear_inputs,
-    grad_rows=_last_dim_rows,
-    locations=_linear_locations,
-)
-_CONV = LayerSpec(
-    kind=LayerKind.CONV,
-    matrix=_flat_matrix,
-    input_rows=_conv_inputs,
-    grad_rows=_conv_grads,
-    locations=_conv_locations,
-)
-_EMBEDDING = LayerSpec(
-    kind=LayerKind.EMBEDDING,
-    matrix=lambda module: module.weight,
-    input_rows=_embedding_onehot,
-    grad_rows=_last_dim_rows,
-    locations=_embedding_locations,
-    inputs_are_columns=False,
-)
-
-for _t, _s in ((nn.Linear, _LINEAR), (nn.Conv1d, _CONV), (nn.Conv2d, _CONV), (nn.Conv3d, _CONV),
-               (nn.Embedding, _EMBEDDING)):
-    register_layer(_t, _s)
+register_matrix_view(nn.RNNBase, _recurrent_slots)
+register_matrix_view(nn.MultiheadAttention, _attention.attention_slots)
 
 
 # --------------------------------------------------------------------------- discovery
+
+
+def _all_matrices(model: nn.Module) -> tuple[dict[str, LayerInfo], set[int], dict[str, list]]:
+    """Every matrix (trainable or not) in module order, the ids of the parameters that measured
+    matrices cover, and ``{module name: [matrix names]}``."""
+    names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    seen: set[tuple[int, tuple[int, int] | None]] = set()
+    found: dict[str, LayerInfo] = {}
+    covered: set[int] = set()
+    by_module: dict[str, list[str]] = {}
+    for mname, module in model.named_modules():
+        for slot in _slots(module):
+            p = module.get_parameter(slot.param)
+            key = (id(p), slot.rows)
+            if key in seen:
+                continue
+            seen.add(key)
+            aliases = tuple(names.get(id(p), ()))
+            name = ".".join(x for x in (mname, slot.label) if x)
+            spec = layer_spec(module, slot.param)
+            reason = ""
+            if spec is None:
+                reason = (f"no capture adapter for {type(module).__name__}.{slot.param} "
+                          f"(adapters: {registered_adapters()}); add one with "
+                          "curvlens.register_layer(..., param=...)")
+            elif len(aliases) > 1:
+                spec, reason = None, (f"tied weight (shared as {list(aliases)}): its gradient "
+                                      "sums several uses, so its Hessian block is no single "
+                                      "Kronecker product")
+            adapter = layer_spec(module, slot.param)
+            kind = slot.kind or (adapter.kind if adapter is not None else LayerKind.MATRIX)
+            found[name] = LayerInfo(name, module, spec, kind, slot.param, slot.rows, aliases,
+                                    reason)
+            by_module.setdefault(mname, []).append(name)
+            if p.requires_grad:
+                owner, _, _ = slot.param.rpartition(".")
+                holder = module.get_submodule(owner) if owner else module
+                covered.update(id(q) for q in holder.parameters(recurse=False))
+    return found, covered, by_module
 
 
 def find_layers(
@@ -276,22 +249,24 @@ def find_layers(
     *,
     on_unsupported: OnUnsupported | str = OnUnsupported.WARN,
 ) -> dict[str, LayerInfo]:
-    """The supported layers of ``model``, keyed by qualified name, in module order.
+    """The trainable weight matrices of ``model``, keyed by report name, in module order.
 
     Args:
         model: any ``nn.Module``.
-        layers: restrict to these qualified names (each must be a supported layer).
-        on_unsupported: what to do with trainable parameters owned by no supported layer's
-            weight or bias (e.g. a LayerNorm, a raw ``nn.Parameter``): ``"error"`` raises,
-            ``"warn"`` (default) warns, ``"skip"`` ignores them. Frozen parameters
-            (``requires_grad=False``) are never an error; frozen layers are left out.
+        layers: restrict to these names: a matrix's report name, a module name (all its
+            matrices) or a qualified parameter name.
+        on_unsupported: what to do with trainable parameters that no measured matrix covers
+            (a vector outside any measured module, e.g. a LayerNorm scale): ``"error"``
+            raises, ``"warn"`` (default) warns, ``"skip"`` ignores them. Biases and other
+            parameters of a module with a measured matrix count as covered. Frozen parameters
+            (``requires_grad=False``) are never an error; frozen matrices are left out.
 
     Returns:
         ``{name: LayerInfo}``. The last Linear layer in module order is marked ``kind=HEAD``.
 
     Raises:
-        ValueError: an unknown or unsupported name in ``layers``, a frozen layer asked for by
-            name, an invalid ``on_unsupported``, or unsupported trainable parameters with
+        ValueError: an unknown name in ``layers``, a frozen matrix asked for by name, an
+            invalid ``on_unsupported``, or uncovered trainable parameters with
             ``on_unsupported="error"``.
 
     Example:
@@ -301,75 +276,68 @@ def find_layers(
         {'0': 'linear', '2': 'head'}
     """
     policy = parse_option(OnUnsupported, on_unsupported, "on_unsupported")
-    modules = dict(model.named_modules())
-    found: dict[str, LayerInfo] = {}
-    covered: set[int] = set()
-    for name, module in modules.items():
-        spec = layer_spec(module)
-        weight = getattr(module, "weight", None)
-        if spec is None or not isinstance(weight, Tensor):
-            continue
-        covered.add(id(weight))
-        if getattr(module, "bias", None) is not None:
-            covered.add(id(module.bias))
-        if weight.requires_grad:
-            found[name] = LayerInfo(name, module, spec, spec.kind)
+    every, covered, by_module = _all_matrices(model)
+    found = {n: i for n, i in every.items() if i.weight.requires_grad}
     if layers is not None:
-        wanted = list(layers)
-        for name in wanted:
-            if name not in modules:
-                raise ValueError(
-                    f"layer {name!r} is not a module of the model; known layers: {list(found)}"
-                )
-            if name not in found:
-                module = modules[name]
-                if layer_spec(module) is not None and not module.weight.requires_grad:
-                    raise ValueError(
-                        f"layer {name!r} is frozen (weight.requires_grad=False); unfreeze it "
-                        "or leave it out of `layers`"
-                    )
-                raise ValueError(
-                    f"layer {name!r} ({type(module).__name__}) is not supported; supported "
-                    f"types: {sorted(t.__name__ for t in _REGISTRY)} "
-                    "(add one with curvlens.register_layer)"
-                )
-        found = {name: found[name] for name in found if name in set(wanted)}
+        found = _select(model, list(layers), every, found, by_module)
     elif policy is not OnUnsupported.SKIP:
-        stray = [
-            pname for pname, p in model.named_parameters()
-            if p.requires_grad and id(p) not in covered
-        ]
+        stray = [pname for pname, p in model.named_parameters()
+                 if p.requires_grad and id(p) not in covered]
         if stray:
             msg = (
                 f"trainable parameters outside supported layers: {stray[:8]}"
-                f"{' ...' if len(stray) > 8 else ''}; curvlens measures "
-                f"{sorted(t.__name__ for t in _REGISTRY)} weights. Pass on_unsupported='skip' "
-                "to ignore them, or register their module type with curvlens.register_layer"
+                f"{' ...' if len(stray) > 8 else ''}; curvlens measures every trainable "
+                "parameter with >= 2 dimensions and leaves these vectors out. Pass "
+                "on_unsupported='skip' to ignore them"
             )
             if policy is OnUnsupported.ERROR:
                 raise ValueError(msg)
             warnings.warn(msg, stacklevel=2)
-    head = _head_name(model, found)
-    if head is not None:
-        found[head] = LayerInfo(head, found[head].module, found[head].spec, LayerKind.HEAD)
+    last = [n for n, i in every.items() if i.kind is LayerKind.LINEAR]
+    if last and last[-1] in found:
+        info = found[last[-1]]
+        found[info.name] = LayerInfo(info.name, info.module, info.spec, LayerKind.HEAD,
+                                     info.param, info.rows, info.aliases, info.reason)
     return found
 
 
-def _head_name(model: nn.Module, found: Mapping[str, LayerInfo]) -> str | None:
-    """The last Linear layer of the whole model, if it is among ``found``."""
-    last = None
-    for name, module in model.named_modules():
-        spec = layer_spec(module)
-        if spec is not None and spec.kind is LayerKind.LINEAR:
-            last = name
-    return last if last in found else None
+def _select(model: nn.Module, wanted: list[str], every: dict[str, LayerInfo],
+            found: dict[str, LayerInfo], by_module: dict[str, list[str]]) -> dict[str, LayerInfo]:
+    """The matrices ``wanted`` names (report, module or parameter names), in module order."""
+    modules = dict(model.named_modules())
+    chosen: set[str] = set()
+    for name in wanted:
+        if name in every:
+            hits = [name]
+        elif name in by_module:
+            hits = by_module[name]
+        else:
+            hits = [n for n, i in every.items() if name in i.aliases]
+        if not hits:
+            if name not in modules:
+                raise ValueError(
+                    f"layer {name!r} is not a module of the model; known layers: {list(found)}"
+                )
+            raise ValueError(
+                f"layer {name!r} ({type(modules[name]).__name__}) is not supported: it has no "
+                "trainable parameter with >= 2 dimensions to measure"
+            )
+        frozen = [h for h in hits if h not in found]
+        if len(frozen) == len(hits):
+            raise ValueError(
+                f"layer {name!r} is frozen (weight.requires_grad=False); unfreeze it "
+                "or leave it out of `layers`"
+            )
+        chosen.update(h for h in hits if h in found)
+    return {n: i for n, i in found.items() if n in chosen}
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module | LayerInfo) -> LayerInfo:
-    """A :class:`LayerInfo` for ``layer`` given by qualified name, module or info.
+    """A :class:`LayerInfo` for ``layer`` given by name, module (owning one matrix) or info.
 
     Raises:
-        ValueError: the layer is not a supported module of ``model``.
+        ValueError: the layer is not a measured matrix of ``model``, or the module owns several
+            matrices (pass one of their names).
     """
     if isinstance(layer, LayerInfo):
         return layer
@@ -382,19 +350,28 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | LayerInfo) -> Layer
             raise ValueError(f"module {type(layer).__name__} is not part of the model")
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a name, module or LayerInfo, got {type(layer).__name__}")
-    return find_layers(model, [layer])[layer]
+    found = find_layers(model, [layer])
+    if layer in found:
+        return found[layer]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    raise ValueError(f"layer {layer!r} holds several matrices {list(found)}; pass one of them")
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The ``[m, n]`` matrix view of a supported module's weight.
+    """The ``[m, n]`` matrix view of a module's ``weight`` (adapter's view, else flatten(1)).
 
     Raises:
-        ValueError: the module type is not registered.
+        ValueError: the module has no ``weight`` parameter with >= 2 dimensions.
     """
     spec = layer_spec(module)
-    if spec is None:
+    if spec is not None:
+        return spec.matrix(module)
+    weight = getattr(module, "weight", None)
+    dims = None if not isinstance(weight, Tensor) else _matrix_dims(weight.shape)
+    if dims is None:
         raise ValueError(
-            f"{type(module).__name__} is not a supported layer; supported types: "
-            f"{sorted(t.__name__ for t in _REGISTRY)}"
+            f"{type(module).__name__} has no weight matrix; adapters exist for "
+            f"{registered_adapters()}"
         )
-    return spec.matrix(module)
+    return weight.reshape(dims)

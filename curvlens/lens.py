@@ -11,7 +11,7 @@ as a context manager around training:
   to running Kronecker factors (:mod:`curvlens._recorder`, also for GradScaler loops); on the
   other steps the hooks record nothing and ``step()`` only counts;
 * ``lens.analyze(x, y, epoch=...)`` runs the full measurement on a fixed batch
-  (:func:`curvlens.analysis.analyze_model`: exact HVPs, Lanczos, fits) and appends the
+  (:func:`curvlens.measure.analyze_model`: exact HVPs, Lanczos, fits) and appends the
   :class:`~curvlens.analysis.Report` to ``lens.history``.
 
 The lens never changes what training computes: it only reads ``.grad``, its hooks only store
@@ -101,7 +101,7 @@ class CurvatureLens:
         lanczos_k: Hessian-block eigenvalues per layer in :meth:`analyze` (default: ``top_k``;
             0 skips Lanczos).
         analyze_options: further keyword arguments for
-            :func:`curvlens.analysis.analyze_model` (e.g. ``{"bootstrap": 0}``).
+            :func:`curvlens.measure.analyze_model` (e.g. ``{"bootstrap": 0}``).
         check_finite: check the recorded gradients for NaN/Inf (one host sync per recording
             step).
         memory_budget: bytes one large allocation may take (a dense factor side, a Lanczos
@@ -171,8 +171,8 @@ class CurvatureLens:
         if not self.layers:
             raise ValueError(
                 f"no layer to measure in {type(model).__name__}: curvlens measures trainable "
-                "nn.Linear / nn.Conv{1,2,3}d / nn.Embedding weights (register others with "
-                "curvlens.register_layer)"
+                "parameters with >= 2 dimensions, and the model has none (or `layers` left "
+                "them out)"
             )
         self.history: list[Any] = []
         self.num_steps = 0
@@ -319,7 +319,7 @@ class CurvatureLens:
     ) -> Any:
         """Full per-layer measurement on a fixed batch; appended to :attr:`history`.
 
-        Runs :func:`curvlens.analysis.analyze_model` with the lens's layers, ``top_k``,
+        Runs :func:`curvlens.measure.analyze_model` with the lens's layers, ``top_k``,
         ``mode``, Kronecker backend and options, in measurement mode (dropout off, batch-norm
         in eval), with the hooks of the lens paused, the parameters' ``.grad`` set aside and
         restored, and the global RNG state forked: training continues exactly as without it.
@@ -338,7 +338,7 @@ class CurvatureLens:
             ValueError: empty batch, or inputs on another device than the model.
             TypeError: floating-point inputs of another dtype than the model.
         """
-        from curvlens.analysis import analyze_model
+        from curvlens.measure import analyze_model
 
         inputs_t = inputs if isinstance(inputs, tuple) else (inputs,)
         device = self._device()

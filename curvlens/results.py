@@ -60,8 +60,11 @@ class LayerReport:
     top-``K`` window.
 
     Attributes:
-        name, shape, kind: qualified layer name, ``(m, n)`` matrix shape, ``"conv"``,
-            ``"linear"``, ``"embedding"`` or ``"head"``.
+        name, shape, kind: the matrix's report name, ``(m, n)`` matrix shape, ``"conv"``,
+            ``"linear"``, ``"embedding"``, ``"head"``, ``"attention"``, ``"recurrent"`` or
+            ``"matrix"``.
+        aliases: every qualified parameter name of the measured tensor (several for a tied
+            weight, which is measured and reported once).
         top_k: window size ``K``; rank: numerical rank of the gradient within the window.
         sigma: [K] gradient singular values; h: [K] directional curvatures (``h_k <= 0`` kept);
             h_kron: [K] Kronecker-model curvatures; lambda_top: top Hessian-block eigenvalues.
@@ -87,6 +90,7 @@ class LayerReport:
     """
 
     name: str = ""
+    aliases: list[str] = field(default_factory=list)
     shape: tuple[int, int] = (0, 0)
     kind: str = ""
     top_k: int = 0

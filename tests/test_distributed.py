@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from curvlens.analysis import analyze_model
 from curvlens.kronecker import kronecker_factors
+from curvlens.measure import analyze_model
 from tests.conftest import build_case
 
 CASES = ("mlp", "cnn")

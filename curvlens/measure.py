@@ -1,0 +1,320 @@
+r"""End to end: measure every weight matrix of a model on a fixed batch and analyze it.
+
+For each trainable weight matrix (:func:`curvlens.layers.find_layers`), on one fixed batch: the
+gradient of the loss in the matrix view, its top-``K`` SVD, the exact directional curvatures
+``h_k`` along the gradient's singular directions, the top eigenvalues of the matrix's Hessian
+block (Lanczos), the Kronecker factors where a capture adapter exists, and the half-batch noise
+norm; then :func:`curvlens.analysis.analyze_layer` turns them into the exponents of "Spectral
+Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition of the Curvature Exponent"
+(Calvo, 2026, arXiv:2606.02596).
+
+One matrix never loses the report: a matrix whose measurement fails gets NaN fields with the
+error (op and matrix named) in ``nan_reasons`` and ``warnings``; the others are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlens._dist import batch_mean
+from curvlens._modes import STOCHASTIC_MODULES
+from curvlens.analysis import analyze_layer
+from curvlens.hessian import directional_curvature, measurement_mode
+from curvlens.hessian_spectrum import block_eigenvalues
+from curvlens.kronecker import KroneckerFactors, kronecker_factors
+from curvlens.layers import LayerInfo, find_layers
+from curvlens.linalg.svd import gradient_svd
+from curvlens.results import LayerReport, Report
+
+__all__ = ["analyze_model"]
+
+_BUDGET = ("b_chi", "b_rho_delta", "b_rho_A", "b_lambda_delta", "b_lambda_A", "beta", "phi")
+_LANCZOS = ("s_lanczos", "s_lanczos_r2", "s_lanczos_ci", "transfer_error_lanczos",
+            "pr_lambda", "zeta_bound_lanczos")
+
+
+def analyze_model(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    targets: Any,
+    *,
+    layers: Iterable[str] | None = None,
+    top_k: int = 20,
+    kronecker_mode: str = "empirical",
+    kronecker_backend: str | None = "hooks",
+    lanczos_k: int | None = None,
+    noise_floor: bool = True,
+    paper_compatible: bool = False,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    epoch: int | None = None,
+    step: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Report:
+    """Measure every trainable weight matrix of ``model`` on one fixed batch and analyze it.
+
+    Per matrix: the gradient ``G`` of the mean loss (``torch.autograd.grad``, matrix view), its
+    top-``K`` SVD (:func:`curvlens.linalg.svd.gradient_svd`), the exact ``h_k``
+    (:func:`curvlens.hessian.directional_curvature`), the Kronecker factors
+    (:func:`curvlens.kronecker.kronecker_factors`, for matrices with a capture adapter), the
+    top Hessian-block eigenvalues by Lanczos, and the half-batch noise ``||(G1 - G2)/2||_2``;
+    then :func:`curvlens.analysis.analyze_layer`. Everything runs inside
+    :func:`curvlens.hessian.measurement_mode` (dropout off, batch-norm in eval mode).
+
+    Under an initialized ``torch.distributed`` process group every process passes its own shard
+    of the fixed batch and calls this function: gradients, ``h_k``, Lanczos products and
+    Kronecker statistics are averaged over processes (weighted by shard size), so each process
+    reports what one process would report on the union of the shards. Only the noise floor
+    differs: its half-batches are the halves of each shard.
+
+    Args:
+        model: the network, called as ``model(*inputs)``.
+        loss_fn: ``loss_fn(output, targets)``, a mean over the batch.
+        inputs: the fixed batch ``[B, ...]`` (a tensor or a tuple of tensors).
+        targets: its targets ``[B, ...]``.
+        layers: report, module or parameter names (default: every trainable matrix).
+        top_k: window ``K`` (clipped to ``min(m, n)`` per matrix, with a note in the report).
+        kronecker_mode: ``"empirical"``, ``"fisher"`` or ``"ggn"``; kronecker_backend:
+            ``"hooks"`` or ``"backpack"`` (see :mod:`curvlens.kronecker`), or ``None`` to skip
+            the factors (no ``h_kron``, no alpha budget; the report says so).
+        lanczos_k: number of top block eigenvalues (default ``top_k``; 0 skips Lanczos).
+        noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
+        paper_compatible, bootstrap, seed: passed to :func:`analyze_layer`.
+        epoch, step, meta: stored in the :class:`Report`.
+
+    Returns:
+        A :class:`Report` with one :class:`LayerReport` per matrix (tied weights once, with
+        every name in ``aliases``).
+
+    Raises:
+        ValueError: empty batch, bad option, unknown layer, no trainable matrix.
+        RuntimeError: a NaN/Inf loss on the fixed batch.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+        >>> x, y = torch.randn(32, 6), torch.randn(32, 5)
+        >>> rep = analyze_model(net, nn.MSELoss(), x, y, top_k=4, bootstrap=0)
+        >>> list(rep.layers), rep.layers["0"].shape
+        (['0', '2'], (8, 6))
+    """
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    lanczos_k = top_k if lanczos_k is None else lanczos_k
+    if not isinstance(lanczos_k, int) or lanczos_k < 0:
+        raise ValueError(f"lanczos_k must be a non-negative int, got {lanczos_k!r}")
+    args = _as_inputs(inputs)
+    batch = int(args[0].shape[0])
+    found = find_layers(model, layers, on_unsupported="skip")
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a parameter "
+                         "with >= 2 dimensions and requires_grad=True)")
+    with measurement_mode(model):
+        grads = _layer_gradients(model, loss_fn, args, targets, found)
+        noise = (_half_batch_noise(model, loss_fn, args, targets, found)
+                 if noise_floor and batch >= 2 else {})
+        factors, missing = _factors(model, loss_fn, args, targets, found, kronecker_mode,
+                                    kronecker_backend)
+        notes = _measurement_notes(model, kronecker_mode, kronecker_backend, batch)
+        if not noise_floor or batch < 2:
+            notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
+                                               else "needs a batch of at least 2 samples"))
+        reports: dict[str, LayerReport] = {}
+        for name, info in found.items():
+            measure = _MatrixRun(model, loss_fn, args, targets, info, top_k, lanczos_k, seed,
+                                 dict(paper_compatible=paper_compatible, bootstrap=bootstrap,
+                                      seed=seed), notes)
+            reports[name] = measure(grads[name], noise.get(name), factors.get(name),
+                                    missing.get(name))
+    info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
+            "kronecker_backend": str(kronecker_backend), "batch_size": batch,
+            "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed}
+    return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
+
+
+@dataclasses.dataclass
+class _MatrixRun:
+    """One matrix's measurement, failures turned into explained NaN fields."""
+
+    model: nn.Module
+    loss_fn: Callable
+    args: tuple
+    targets: Any
+    info: LayerInfo
+    top_k: int
+    lanczos_k: int
+    seed: int
+    fit: dict
+    notes: list[str]
+
+    def __call__(self, G: Tensor | str, noise: float | None, f: KroneckerFactors | None,
+                 no_factors: str | None) -> LayerReport:
+        info, name = self.info, self.info.name
+        m, n = info.matrix_shape
+        k = min(self.top_k, m, n)
+        notes = self.notes + ([] if k == self.top_k
+                              else [f"top_k={self.top_k} clipped to min(m, n) = {k}"])
+        base = dict(name=name, shape=(m, n), kind=info.kind.value, notes=notes)
+        if isinstance(G, str):
+            return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base), G)
+        if not bool(G.any()):
+            warnings.warn(f"layer {name!r}: the gradient on the fixed batch is exactly zero; "
+                          "its report is NaN", stacklevel=3)
+            rep = analyze_layer(torch.zeros(k), torch.zeros(k), **base)
+            rep.aliases = list(info.aliases)
+            return rep
+        try:
+            U, S, V = gradient_svd(G, k)
+            h = batch_mean(directional_curvature(self.model, self.loss_fn, self.args,
+                                                 self.targets, info, U, V), len(self.args[0]))
+        except Exception as err:  # noqa: BLE001 - one matrix must not lose the report
+            return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
+                           f"layer {name!r}: measuring h_k failed ({type(err).__name__}: {err})")
+        lam, lam_error = None, ""
+        if self.lanczos_k:
+            try:
+                lam = block_eigenvalues(self.model, self.loss_fn, self.args, self.targets, info,
+                                        min(self.lanczos_k, m * n),
+                                        generator=torch.Generator(G.device).manual_seed(self.seed))
+            except Exception as err:  # noqa: BLE001
+                lam_error = (f"layer {name!r}: Lanczos on the Hessian block failed "
+                             f"({type(err).__name__}: {err})")
+        try:
+            rep = analyze_layer(
+                S, h, C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
+                U=U, V=V, lambda_top=lam, noise_norm=noise, weight=info.matrix(), **base,
+                **self.fit)
+        except Exception as err:  # noqa: BLE001
+            return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
+                           f"layer {name!r}: analysis failed ({type(err).__name__}: {err})")
+        rep.aliases = list(info.aliases)
+        if lam_error:
+            _explain(rep, _LANCZOS, lam_error)
+        if no_factors and f is None:
+            _explain(rep, _BUDGET, f"no Kronecker factors: {no_factors}")
+        return rep
+
+
+def _explain(rep: LayerReport, fields: Sequence[str], reason: str) -> None:
+    """Give ``fields`` (those NaN) ``reason`` and add it to the warnings once."""
+    scalars = rep.scalar_fields()
+    hit = [f for f in fields if any(math.isnan(v) for k, v in scalars.items()
+                                    if k.split("[")[0] == f)]
+    if not hit:
+        return
+    old = {rep.nan_reasons.get(f) for f in hit} - {None}
+    for f in hit:
+        rep.nan_reasons[f] = reason
+    rep.warnings = [w for w in rep.warnings if not any(w.endswith(f"NaN, {o}") for o in old)]
+    rep.warnings.append(f"{', '.join(hit)}: NaN, {reason}")
+
+
+def _failed(rep: LayerReport, reason: str) -> LayerReport:
+    """``rep`` with every number NaN and ``reason`` as the explanation."""
+    warnings.warn(reason, stacklevel=4)
+    rep.nan_reasons = {k.split("[")[0]: reason for k in rep.scalar_fields()}
+    rep.warnings = [reason]
+    return rep
+
+
+def _as_inputs(inputs: Any) -> tuple[Any, ...]:
+    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+        raise ValueError("inputs must be a tensor [B, ...] or a tuple of tensors with a batch "
+                         "dimension")
+    if args[0].shape[0] == 0:
+        raise ValueError("empty batch: inputs have batch size 0; pass at least one sample")
+    return args
+
+
+def _layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+                     found: dict[str, LayerInfo], what: str = "the fixed batch"
+                     ) -> dict[str, Tensor | str]:
+    """``{name: dL/dW [m, n]}`` of the mean loss; a string (the reason) for a matrix whose
+    gradient is missing (unused) or not finite."""
+    loss = loss_fn(model(*args), targets)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                         f"{tuple(getattr(loss, 'shape', ()))}")
+    if not bool(torch.isfinite(loss)):
+        raise RuntimeError(f"the loss on {what} is {float(loss)}; check the inputs, the "
+                           "targets and the learning rate")
+    params = list({id(i.weight): i.weight for i in found.values()}.values())
+    grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True)))
+    out: dict[str, Tensor | str] = {}
+    for name, info in found.items():
+        g = grads[id(info.weight)]
+        if g is None:
+            out[name] = (f"layer {name!r} is not used by the loss on {what}; leave it out with "
+                         "`layers=`")
+            continue
+        g = info.extract(g.to_dense() if g.is_sparse else g)  # nn.Embedding(sparse=True)
+        if not bool(torch.isfinite(g).all()):
+            out[name] = (f"layer {name!r}: the gradient on {what} has NaN or Inf entries; check "
+                         "the loss scale, the inputs and the weights")
+            continue
+        out[name] = batch_mean(g.detach(), int(args[0].shape[0]))
+    return out
+
+
+def _half_batch_noise(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+                      found: dict[str, LayerInfo]) -> dict[str, float]:
+    """``{name: ||(G1 - G2) / 2||_2}`` for the two halves of the batch."""
+    half = int(args[0].shape[0]) // 2
+
+    def part(sl: slice) -> tuple[tuple, Any]:
+        sub = tuple(a[sl] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+        return sub, targets[sl] if isinstance(targets, Tensor) else targets
+
+    g1 = _layer_gradients(model, loss_fn, *part(slice(0, half)), found, "the first half-batch")
+    g2 = _layer_gradients(model, loss_fn, *part(slice(half, 2 * half)), found,
+                          "the second half-batch")
+    return {name: float(torch.linalg.matrix_norm((g1[name] - g2[name]).double() / 2, ord=2))
+            for name in found
+            if isinstance(g1[name], Tensor) and isinstance(g2[name], Tensor)}
+
+
+def _factors(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+             found: dict[str, LayerInfo], mode: str, backend: str | None
+             ) -> tuple[dict[str, KroneckerFactors], dict[str, str]]:
+    """The Kronecker factors of the adapted matrices, and why the others have none."""
+    if backend is None:
+        return {}, {}
+    missing = {name: info.reason for name, info in found.items() if info.spec is None}
+    adapted = [name for name in found if name not in missing]
+    if not adapted:
+        return {}, missing
+    try:
+        factors = kronecker_factors(model, loss_fn, args, targets, mode=mode, backend=backend,
+                                    layers=adapted, skip_empty=True)
+    except Exception as err:  # noqa: BLE001 - the exponents do not need the factors
+        return {}, {**missing, **{n: f"{type(err).__name__}: {err}" for n in adapted}}
+    for name in adapted:
+        if name not in factors:
+            missing[name] = ("the capture saw no samples (the forward pass does not reach the "
+                             "matrix through its module)")
+    return factors, missing
+
+
+def _measurement_notes(model: nn.Module, mode: str, backend: str, batch: int) -> list[str]:
+    notes = [f"fixed batch of {batch} samples"]
+    if backend is None:
+        notes.append("Kronecker factors not measured (kronecker_backend=None)")
+    else:
+        notes.append(f"Kronecker factors: mode={getattr(mode, 'value', mode)}, backend="
+                     f"{getattr(backend, 'value', backend)} (conv: C_delta carries the T output "
+                     "locations; chi's level depends on this convention, slopes do not)")
+    switched = sorted({type(m).__name__ for m in model.modules()
+                       if isinstance(m, STOCHASTIC_MODULES)})
+    if switched:
+        notes.append(f"measured with dropout off and batch-norm in eval mode ({', '.join(switched)}"
+                     " switched to eval during measurement)")
+    return notes
