@@ -44,17 +44,26 @@ input factor is rescaled by ``1/T`` to the convention above.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from enum import Enum
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlens._factor_forms import DiagonalFactor, SketchedFactor, factor_quad
 from curvlens._factor_store import FactorAccumulator, KroneckerFactors
 from curvlens._functional_model import check_loss
+from curvlens._losses import (
+    Likelihood,
+    LossReduction,
+    OutputSelector,
+    batch_scale,
+    likelihood_of,
+    loss_hessian_sqrt,
+    loss_reduction,
+    sample_targets,
+    select_output,
+)
 from curvlens._options import parse_option
 from curvlens.hooks import Capture
 from curvlens.layers import LayerInfo, find_layers
@@ -97,21 +106,6 @@ def kronecker_curvature(factors: KroneckerFactors, U: Tensor, V: Tensor) -> Tens
     return factor_quad(factors.C_delta, U) * factor_quad(factors.C_A, V)
 
 
-def batch_scale(loss_fn: Callable, batch_size: int) -> float:
-    """Factor that turns gradients of the batch loss into per-sample gradients.
-
-    ``B`` for a loss that averages over the batch (the default assumption, and
-    ``reduction="mean"``), ``1`` for ``reduction="sum"``.
-    """
-    reduction = getattr(loss_fn, "reduction", "mean")
-    if reduction == "sum":
-        return 1.0
-    if reduction != "mean":
-        raise ValueError(
-            f"loss reduction {reduction!r} is not supported; curvlens needs a scalar loss that is "
-            "a mean (or a sum) over the batch"
-        )
-    return float(batch_size)
 
 
 def _as_tuple(inputs: Tensor | tuple) -> tuple:
@@ -125,56 +119,6 @@ def _check_batch(inputs: tuple) -> int:
     if first.shape[0] == 0:
         raise ValueError("empty batch: inputs have batch size 0; pass at least one sample")
     return int(first.shape[0])
-
-
-def _is_cross_entropy(loss_fn: Callable) -> bool:
-    return isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy
-
-
-def _is_mse(loss_fn: Callable) -> bool:
-    return isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss
-
-
-def _sample_targets(
-    loss_fn: Callable, output: Tensor, generator: torch.Generator | None
-) -> Tensor:
-    """Targets drawn from the model's predictive distribution (for the Fisher)."""
-    out = output.detach()
-    if _is_cross_entropy(loss_fn):
-        probs = out.movedim(1, -1).softmax(-1)  # class dim last
-        flat = probs.reshape(-1, probs.shape[-1])
-        draws = torch.multinomial(flat.to(torch.float64), 1, generator=generator)
-        return draws.reshape(probs.shape[:-1]).to(out.device)
-    if _is_mse(loss_fn):
-        # l_i = ||f_i - y_i||^2 / D has Hessian (2/D) I; y = f + sqrt(D/2) eps matches it.
-        per_sample = out[0].numel()
-        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu")
-        return out + math.sqrt(per_sample / 2) * noise.to(out.device)
-    raise ValueError(
-        f"mode='fisher' needs a loss whose predictive distribution curvlens knows "
-        f"(nn.CrossEntropyLoss, nn.MSELoss, or their functional forms), got {loss_fn!r}; "
-        "use mode='ggn' (exact, any per-sample loss) or mode='empirical'"
-    )
-
-
-def _loss_hessian_sqrt(loss_fn: Callable, output: Tensor, targets: Tensor) -> Tensor:
-    """``S [B, D, D]`` with ``S_i S_i^T`` = Hessian of sample i's loss w.r.t. its output."""
-    out = output.detach()
-    B = out.shape[0]
-    D = out[0].numel()
-    if D > 4096:
-        raise ValueError(
-            f"mode='ggn' needs one backward per output dimension and the output has {D} per "
-            "sample; use mode='fisher' for such models"
-        )
-
-    def per_sample(o: Tensor, t: Tensor) -> Tensor:
-        return loss_fn(o.reshape(1, *out.shape[1:]), t.reshape(1, *t.shape))
-
-    hess = torch.func.vmap(torch.func.hessian(per_sample))(out, targets)  # [B, *o, *o]
-    hess = hess.reshape(B, D, D)
-    evals, evecs = torch.linalg.eigh((hess + hess.mT) / 2)
-    return evecs * evals.clamp_min(0).sqrt()[:, None, :]
 
 
 def kronecker_factors(
@@ -191,6 +135,9 @@ def kronecker_factors(
     distributed: bool = True,
     memory_budget: int | float | str | None = None,
     skip_empty: bool = False,
+    reduction: LossReduction | str | None = None,
+    output: OutputSelector = None,
+    likelihood: Likelihood | str | None = None,
 ) -> dict[str, KroneckerFactors]:
     """Kronecker factors of every chosen layer on one batch.
 
@@ -215,6 +162,13 @@ def kronecker_factors(
             larger sides (and sides above 8192) are kept as sketches, diagonal sides (an
             Embedding's one-hot side) as vectors.
         skip_empty: leave out matrices the forward pass never reached instead of raising.
+        reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` combines the batch (default: read
+            off a torch loss module, else a mean).
+        output: for ``"fisher"``/``"ggn"`` with a dict, tuple or ``ModelOutput`` model output:
+            the key, attribute, index or callable that picks the tensor the loss is a function
+            of (e.g. ``"logits"``).
+        likelihood: ``"categorical"`` or ``"gaussian"``, the predictive distribution the
+            ``"fisher"`` targets are drawn from (default: detected from the loss).
 
     Returns:
         ``{layer_name: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``, for the
@@ -244,8 +198,10 @@ def kronecker_factors(
         from curvlens._backpack import backpack_factors
 
         return backpack_factors(model, loss_fn, inputs, targets, chosen, mode, mc_samples)
+    reduction = loss_reduction(loss_fn, reduction)
+    lik = likelihood_of(loss_fn, likelihood) if mode is FactorMode.FISHER else None
     acc = _hook_factors(model, loss_fn, inputs, targets, chosen, mode, generator, mc_samples, B,
-                        memory_budget)
+                        reduction, output, lik, memory_budget)
     if distributed:
         acc.all_reduce()
     return acc.factors(skip_empty=skip_empty)
@@ -261,10 +217,13 @@ def _hook_factors(
     generator: torch.Generator | None,
     mc_samples: int,
     B: int,
+    reduction: LossReduction,
+    selector: OutputSelector,
+    likelihood: Likelihood | None,
     memory_budget: int | float | str | None = None,
 ) -> FactorAccumulator:
     weights = list({id(info.weight): info.weight for info in chosen.values()}.values())
-    scale = batch_scale(loss_fn, B)
+    scale = batch_scale(loss_fn, B, reduction)
     acc = FactorAccumulator(chosen, memory_budget=memory_budget)
     with Capture(model, chosen) as cap:
         output = model(*inputs)
@@ -275,17 +234,19 @@ def _hook_factors(
             passes = 1
         elif mode is FactorMode.FISHER:
             for draw in range(mc_samples):
-                loss = loss_fn(output, _sample_targets(loss_fn, output, generator))
+                drawn = sample_targets(likelihood, select_output(output, selector), generator)
+                loss = loss_fn(output, drawn)
                 check_loss(loss, "kronecker factors (fisher)")
                 torch.autograd.grad(loss, weights, retain_graph=draw < mc_samples - 1,
                                     allow_unused=True)
             passes = mc_samples
         else:
-            S = _loss_hessian_sqrt(loss_fn, output, targets)  # [B, D, D]
+            S = loss_hessian_sqrt(loss_fn, output, selector, targets)  # [B, D, D]
+            logits = select_output(output, selector)
             D = S.shape[-1]
             for c in range(D):
-                grad_out = (S[:, :, c] / scale).reshape(output.shape)
-                torch.autograd.grad(output, weights, grad_out, retain_graph=c < D - 1,
+                grad_out = (S[:, :, c] / scale).reshape(logits.shape)
+                torch.autograd.grad(logits, weights, grad_out, retain_graph=c < D - 1,
                                     allow_unused=True)
             passes = D
         bad = [n for n, r in cap.records.items()
@@ -303,6 +264,6 @@ def _hook_factors(
                 # "ggn" mode, whose output-gradient passes are scaled per model sample above
                 b = B if mode is FactorMode.GGN else record.samples[call]
                 counts = b if (mode is not FactorMode.GGN or j % passes == 0) else 0
-                acc.add_grads(name, g, scale=batch_scale(loss_fn, b), samples=counts)
+                acc.add_grads(name, g, scale=batch_scale(loss_fn, b, reduction), samples=counts)
     return acc
 
