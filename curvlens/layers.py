@@ -311,8 +311,11 @@ def _select(model: nn.Module, wanted: list[str], every: dict[str, LayerInfo],
             hits = [name]
         elif name in by_module:
             hits = by_module[name]
-        else:
-            hits = [n for n, i in every.items() if name in i.aliases]
+        else:  # a parameter name, or a module whose matrix is tied to one found earlier
+            own = {name} | ({f"{name}.{attr}" for attr, _ in
+                             modules[name].named_parameters(recurse=False)}
+                            if name in modules else set())
+            hits = [n for n, i in every.items() if own & set(i.aliases)]
         if not hits:
             if name not in modules:
                 raise ValueError(
