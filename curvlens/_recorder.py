@@ -71,12 +71,14 @@ class StepRecorder:
         history: int,
         grad_scaler: Any = None,
         memory_budget: int | float | str | None = None,
+        reduction: str | None = None,
     ) -> None:
         if grad_scaler is not None and not hasattr(grad_scaler, "_per_optimizer_states"):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
         self.layers = dict(layers)
         self.loss_fn = loss_fn
+        self.reduction = reduction
         self.top_k = top_k
         self.check_finite = check_finite
         self.grad_scaler = grad_scaler
@@ -246,7 +248,7 @@ class StepRecorder:
         for (name, _, g, batch), sq in zip(pairs, squares):
             if name in self.skipped:
                 continue
-            scale = batch_scale(self.loss_fn, batch) / loss_scale
+            scale = batch_scale(self.loss_fn, batch, self.reduction) / loss_scale
             traces[name] += sq * scale * scale
             limit = torch.finfo(_work_dtype(g)).max
             if traces[name] > limit:
@@ -279,8 +281,8 @@ class StepRecorder:
                 g = g.float()
             try:
                 self.accumulator.add_inputs(name, x)
-                self.accumulator.add_grads(
-                    name, g, scale=batch_scale(self.loss_fn, batch) / loss_scale, samples=batch)
+                scale = batch_scale(self.loss_fn, batch, self.reduction) / loss_scale
+                self.accumulator.add_grads(name, g, scale=scale, samples=batch)
             except Exception as err:  # noqa: BLE001 - never fail the training loop
                 self._skip(name, step, err, depth=1)
                 continue

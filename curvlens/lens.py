@@ -57,6 +57,8 @@ from torch import Tensor, nn
 
 from curvlens._budget import resolve_budget
 from curvlens._functional_model import check_fixed_batch
+from curvlens._losses import LossReduction
+from curvlens._losses import loss_reduction as loss_reduction_of
 from curvlens._modes import measurement_mode
 from curvlens._options import parse_option, positive_int
 from curvlens._recorder import NoCapture, StepRecorder
@@ -116,6 +118,9 @@ class CurvatureLens:
             ``scaler.unscale_(opt)``, ``lens.step()``, ``scaler.step(opt)``, ``scaler.update()``.
         spectra_history: recorded spectra kept per layer in :attr:`gradient_spectra` (the
             oldest are dropped first).
+        loss_reduction: ``"mean"`` or ``"sum"``, how ``loss_fn`` combines the batch (default:
+            read off a torch loss module, else a mean); it scales the per-sample gradients of
+            the Kronecker factors.
 
     Attributes:
         history: every :class:`~curvlens.analysis.Report` of :meth:`analyze`, oldest first.
@@ -146,6 +151,7 @@ class CurvatureLens:
         memory_budget: int | float | str | None = None,
         grad_scaler: Any = None,
         spectra_history: int = 1000,
+        loss_reduction: LossReduction | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -164,6 +170,7 @@ class CurvatureLens:
         self.lanczos_k = lanczos_k
         self.device = None if device is None else torch.device(device)
         self.analyze_options = dict(analyze_options or {})
+        self.loss_reduction = loss_reduction_of(loss_fn, loss_reduction)
         self.check_finite = bool(check_finite)
         self.layers: dict[str, LayerInfo] = find_layers(
             model, layers, on_unsupported=self.on_unsupported
@@ -183,7 +190,8 @@ class CurvatureLens:
         self._recorder = StepRecorder(
             self.layers, loss_fn, top_k=self.top_k, check_finite=self.check_finite,
             memory_budget=memory_budget, grad_scaler=grad_scaler,
-            history=positive_int(spectra_history, "spectra_history"))
+            history=positive_int(spectra_history, "spectra_history"),
+            reduction=self.loss_reduction)
 
     @property
     def skipped_layers(self) -> dict[str, str]:
@@ -349,6 +357,7 @@ class CurvatureLens:
                           next(iter(self.layers.values())).weight.dtype, "lens.analyze")
         options: dict[str, Any] = {
             "layers": list(self.layers), "top_k": self.top_k, "kronecker_mode": self.mode.value,
+            "loss_reduction": self.loss_reduction.value,
             "kronecker_backend": (None if self.kronecker is KroneckerSource.NONE
                                   else self.kronecker.value),
         }

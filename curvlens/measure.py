@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._dist import batch_mean
+from curvlens._losses import LossReduction, OutputSelector
+from curvlens._losses import loss_reduction as resolve_reduction
 from curvlens._modes import STOCHASTIC_MODULES
 from curvlens.analysis import analyze_layer
 from curvlens.hessian import directional_curvature, measurement_mode
@@ -58,6 +60,9 @@ def analyze_model(
     epoch: int | None = None,
     step: int | None = None,
     meta: dict[str, Any] | None = None,
+    loss_reduction: LossReduction | str | None = None,
+    output: OutputSelector = None,
+    likelihood: str | None = None,
 ) -> Report:
     """Measure every trainable weight matrix of ``model`` on one fixed batch and analyze it.
 
@@ -89,6 +94,12 @@ def analyze_model(
         noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
         paper_compatible, bootstrap, seed: passed to :func:`analyze_layer`.
         epoch, step, meta: stored in the :class:`Report`.
+        loss_reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` combines the batch (default:
+            read off a torch loss module, else a mean). A sum is measured as the mean it is
+            ``B`` times, so both give the same report.
+        output, likelihood: for ``kronecker_mode="fisher"``/``"ggn"`` with dict or tuple model
+            outputs: which tensor the loss is a function of, and the predictive distribution
+            (see :func:`curvlens.kronecker.kronecker_factors`).
 
     Returns:
         A :class:`Report` with one :class:`LayerReport` per matrix (tied weights once, with
@@ -113,16 +124,19 @@ def analyze_model(
         raise ValueError(f"lanczos_k must be a non-negative int, got {lanczos_k!r}")
     args = _as_inputs(inputs)
     batch = int(args[0].shape[0])
+    reduction = resolve_reduction(loss_fn, loss_reduction)
     found = find_layers(model, layers, on_unsupported="skip")
     if not found:
         raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a parameter "
                          "with >= 2 dimensions and requires_grad=True)")
+    factor_options = dict(reduction=reduction, output=output, likelihood=likelihood)
+    raw_loss, loss_fn = loss_fn, _as_mean(loss_fn, reduction, batch)
     with measurement_mode(model):
         grads = _layer_gradients(model, loss_fn, args, targets, found)
-        noise = (_half_batch_noise(model, loss_fn, args, targets, found)
-                 if noise_floor and batch >= 2 else {})
-        factors, missing = _factors(model, loss_fn, args, targets, found, kronecker_mode,
-                                    kronecker_backend)
+        noise = (_half_batch_noise(model, _as_mean(raw_loss, reduction, batch // 2), args,
+                                   targets, found) if noise_floor and batch >= 2 else {})
+        factors, missing = _factors(model, raw_loss, args, targets, found, kronecker_mode,
+                                    kronecker_backend, factor_options)
         notes = _measurement_notes(model, kronecker_mode, kronecker_backend, batch)
         if not noise_floor or batch < 2:
             notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
@@ -135,6 +149,7 @@ def analyze_model(
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
                                     missing.get(name))
     info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
+            "loss_reduction": reduction.value,
             "kronecker_backend": str(kronecker_backend), "batch_size": batch,
             "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed}
     return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
@@ -201,6 +216,22 @@ class _MatrixRun:
         if no_factors and f is None:
             _explain(rep, _BUDGET, f"no Kronecker factors: {no_factors}")
         return rep
+
+
+class _MeanLoss:
+    """A summed loss divided by its batch size: the mean every measurement assumes."""
+
+    reduction = "mean"
+
+    def __init__(self, loss_fn: Callable, batch: int) -> None:
+        self.loss_fn, self.batch = loss_fn, batch
+
+    def __call__(self, output: Any, targets: Any) -> Tensor:
+        return self.loss_fn(output, targets) / self.batch
+
+
+def _as_mean(loss_fn: Callable, reduction: LossReduction, batch: int) -> Callable:
+    return _MeanLoss(loss_fn, batch) if reduction is LossReduction.SUM else loss_fn
 
 
 def _explain(rep: LayerReport, fields: Sequence[str], reason: str) -> None:
@@ -283,7 +314,7 @@ def _half_batch_noise(model: nn.Module, loss_fn: Callable, args: tuple, targets:
 
 
 def _factors(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
-             found: dict[str, LayerInfo], mode: str, backend: str | None
+             found: dict[str, LayerInfo], mode: str, backend: str | None, options: dict
              ) -> tuple[dict[str, KroneckerFactors], dict[str, str]]:
     """The Kronecker factors of the adapted matrices, and why the others have none."""
     if backend is None:
@@ -294,7 +325,7 @@ def _factors(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
         return {}, missing
     try:
         factors = kronecker_factors(model, loss_fn, args, targets, mode=mode, backend=backend,
-                                    layers=adapted, skip_empty=True)
+                                    layers=adapted, skip_empty=True, **options)
     except Exception as err:  # noqa: BLE001 - the exponents do not need the factors
         return {}, {**missing, **{n: f"{type(err).__name__}: {err}" for n in adapted}}
     for name in adapted:
