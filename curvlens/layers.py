@@ -128,10 +128,10 @@ class LayerInfo:
 def _matrix_dims(shape: tuple[int, ...] | Iterable[int]) -> tuple[int, int] | None:
     """``(M, n)`` of ``flatten(1)`` after dropping leading size-one dims; ``None``: a vector."""
     dims = list(shape)
-    while len(dims) > 2 and dims[0] == 1:
-        dims.pop(0)
     if len(dims) < 2:
         return None
+    while len(dims) > 2 and dims[0] == 1:
+        dims.pop(0)
     return int(dims[0]), int(math.prod(dims[1:]))
 
 
@@ -173,9 +173,9 @@ def _default_slots(module: nn.Module) -> list[MatrixSlot]:
     """Every direct parameter of ``module`` with a matrix view."""
     slots = []
     for attr, p in module.named_parameters(recurse=False):
-        if _matrix_dims(p.shape) is None:
-            continue
         adapted = layer_spec(module, attr) is not None
+        if _matrix_dims(p.shape) is None or (not adapted and sum(d > 1 for d in p.shape) < 2):
+            continue  # a vector, or a bare parameter like a [1, 1, d] token
         slots.append(MatrixSlot(attr, "" if adapted and attr == "weight" else attr))
     return slots
 

@@ -112,7 +112,7 @@ def test_every_matrix_is_found_by_its_parameters():
     stray = r"outside supported layers: \['norm.weight', 'norm.bias'\]"
     with pytest.warns(UserWarning, match=stray):
         found = find_layers(model)
-    assert list(found) == ["wte", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "mix", "pos"]
+    assert list(found) == ["mix", "pos", "wte", "rnn.weight_ih_l0", "rnn.weight_hh_l0"]
     wte = found["wte"]
     assert wte.aliases == ("wte.weight", "head.weight")  # tied: measured once, all names
     assert wte.spec is None and "tied weight" in wte.reason

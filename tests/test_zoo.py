@@ -1,0 +1,47 @@
+"""The model zoo: every weight matrix of the architectures users study is measured and reported."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from curvlens.measure import analyze_model
+from tests.zoo import FAST, ZOO, finite_share, matrix_count, trained
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n == "resnet18" else n for n in ZOO])
+def test_zoo_reports_every_matrix_with_finite_exponents(name):
+    case = trained(ZOO[name]())
+    with sdpa_kernel(SDPBackend.MATH):  # the attention backend with a double backward
+        report = analyze_model(case.model, case.loss_fn, case.inputs, case.targets,
+                               **{**FAST, **case.options})
+    assert len(report.layers) == matrix_count(case.model)
+    assert finite_share(report) >= 0.95, {
+        n: r.nan_reasons.get("alpha") for n, r in report.layers.items() if math.isnan(r.alpha)}
+    for rep in report.layers.values():
+        assert rep.unexplained_nans() == [], (rep.name, rep.unexplained_nans())
+        if case.options.get("kronecker_backend", "hooks") is not None:
+            if math.isnan(rep.b_chi):  # a matrix without factors says why
+                assert rep.nan_reasons["b_chi"], rep.name
+
+
+def test_zoo_names_say_what_each_matrix_is():
+    report_names = {}
+    for name in ("gpt-tied", "lstm-lm"):
+        case = trained(ZOO[name]())
+        with sdpa_kernel(SDPBackend.MATH):
+            report = analyze_model(case.model, case.loss_fn, case.inputs, case.targets, **FAST)
+        report_names[name] = report
+    gpt = report_names["gpt-tied"].layers
+    assert gpt["wte"].aliases == ["wte.weight", "lm_head.weight"]  # tied: once, both names
+    assert "tied weight" in gpt["wte"].nan_reasons["b_chi"]
+    assert {"blocks.0.attn.in_proj_weight.q", "blocks.0.attn.in_proj_weight.k",
+            "blocks.0.attn.in_proj_weight.v", "blocks.0.attn.out_proj"} <= set(gpt)
+    assert math.isfinite(gpt["blocks.0.attn.in_proj_weight.q"].b_chi)  # MHA factors captured
+    lstm = report_names["lstm-lm"].layers
+    assert lstm["rnn.weight_hh_l1"].kind == "recurrent"
+    reason = lstm["rnn.weight_hh_l1"].nan_reasons["b_chi"]
+    assert "no capture adapter for LSTM.weight_hh_l1" in reason
