@@ -38,7 +38,8 @@ def attention_slots(module: nn.Module) -> list[MatrixSlot]:
     else:
         slots = [MatrixSlot(f"{s}_proj_weight", f"{s}_proj_weight", None, LayerKind.ATTENTION)
                  for s in _QKV]
-    return slots + [MatrixSlot("out_proj.weight", "out_proj", None, LayerKind.ATTENTION)]
+    # out_proj stays of kind "linear", as the nn.Linear it is (the optimizer routes by kind)
+    return slots + [MatrixSlot("out_proj.weight", "out_proj", None, LayerKind.LINEAR)]
 
 
 def _tapped_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:

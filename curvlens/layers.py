@@ -293,9 +293,11 @@ def find_layers(
             if policy is OnUnsupported.ERROR:
                 raise ValueError(msg)
             warnings.warn(msg, stacklevel=2)
-    last = [n for n, i in every.items() if i.kind is LayerKind.LINEAR]
-    if last and last[-1] in found:
-        info = found[last[-1]]
+    linear = [n for n, m in model.named_modules()
+              if (spec := layer_spec(m)) is not None and spec.kind is LayerKind.LINEAR]
+    if (linear and linear[-1] in found  # the last Linear module, unless its weight is tied
+            and found[linear[-1]].kind is LayerKind.LINEAR):
+        info = found[linear[-1]]
         found[info.name] = LayerInfo(info.name, info.module, info.spec, LayerKind.HEAD,
                                      info.param, info.rows, info.aliases, info.reason)
     return found

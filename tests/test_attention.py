@@ -50,7 +50,8 @@ def test_matrices_are_named_q_k_v_and_out():
     found = find_layers(net)
     assert list(found) == ["attn.in_proj_weight.q", "attn.in_proj_weight.k",
                            "attn.in_proj_weight.v", "attn.out_proj"]
-    assert all(i.kind is LayerKind.ATTENTION for i in found.values())
+    # out_proj is an nn.Linear, here the last one of the model: its head
+    assert [i.kind for i in found.values()] == [LayerKind.ATTENTION] * 3 + [LayerKind.HEAD]
     q = found["attn.in_proj_weight.q"]
     assert q.matrix_shape == (6, 6) and q.rows == (0, 6)
     assert q.matrix().data_ptr() == net.attn.in_proj_weight.data_ptr()
