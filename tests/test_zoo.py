@@ -5,10 +5,21 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlens.measure import analyze_model
 from tests.zoo import FAST, ZOO, finite_share, matrix_count, trained
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small recurrent models run 30x slower with two threads on a busy machine (thread
+    contention in the LSTM kernels); one thread is also what these sizes need."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", [
