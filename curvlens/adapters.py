@@ -6,21 +6,13 @@ factors (and with them the alignment budget) also need what flowed through the p
 input-side rows and its per-sample output gradients. A :class:`LayerSpec` says how to read those
 for one ``(module type, parameter)`` pair; :func:`register_layer` adds one:
 
-===================  ==============  =====================================  ======================
-module               parameter       matrix view ``W``                      Kronecker sides
-===================  ==============  =====================================  ======================
-``nn.Linear``        ``weight``      ``[out, in]``                          rows: output grads,
-                                                                            columns: inputs
-``nn.Conv{1,2,3}d``  ``weight``      ``weight.flatten(1)``                  rows: output grads per
-                                     ``[out, in/groups * prod(kernel)]``    location, columns:
-                                                                            patches
-``nn.Embedding``     ``weight``      ``[num, dim]``                         rows: one-hot indices,
-                                                                            columns: output grads
-``nn.Multihead``     q, k, v rows    ``[embed, kdim or vdim]`` each,        as ``nn.Linear``, read
-``Attention``        of              ``out_proj.weight`` ``[embed, embed]`` inside the module's
-                     ``in_proj_``                                           own forward
-                     ``weight``, ...
-===================  ==============  =====================================  ======================
+* ``nn.Linear`` ``weight`` ``[out, in]``: rows are output gradients, columns inputs;
+* ``nn.Conv{1,2,3}d`` ``weight.flatten(1)`` ``[out, in/groups * prod(kernel)]``: rows are output
+  gradients per location, columns unfolded patches;
+* ``nn.Embedding`` ``weight`` ``[num, dim]``: rows are one-hot indices, columns output gradients;
+* ``nn.MultiheadAttention``: the q, k and v row blocks of ``in_proj_weight`` (or the separate
+  ``q_proj_weight``, ... when ``kdim``/``vdim`` differ) and ``out_proj.weight``, as
+  ``nn.Linear``, read inside the module's own forward (:mod:`curvlens._attention`).
 
 A matrix whose parameter has no adapter (an ``nn.LSTM`` weight, a bare ``nn.Parameter``) is
 still measured; its budget is NaN with the reason.
