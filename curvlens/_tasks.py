@@ -5,6 +5,8 @@
 * ``chars``: a small causal transformer (nanoGPT layout, explicit attention because the exact
   Hessian-vector products need double backward) on the text of Python's standard library
   (sorted ``*.py`` files under ``os.path.dirname(os.__file__)``).
+* ``vit``: :class:`DigitsViT`, a small vision transformer on the digits upscaled to 16 x 16
+  (:func:`upscaled_digits`), 4 x 4 patches.
 * ``teacher``: a controlled synthetic regression task: Gaussian inputs with a power-law
   covariance, targets from a random two-layer tanh teacher plus noise; an MLP student.
 
@@ -30,6 +32,8 @@ __all__ = [
     "stdlib_text",
     "CharTransformer",
     "char_data",
+    "upscaled_digits",
+    "DigitsViT",
     "char_batch",
     "lm_loss",
     "teacher_data",
@@ -143,9 +147,9 @@ def char_batch(ids: Tensor, batch: int, ctx: int, generator: torch.Generator
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -157,8 +161,10 @@ class _Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, h, T, T]
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        a = att.masked_fill(mask, float("-inf")).softmax(-1) @ v  # [B, h, T, C/h]
+        if self.causal:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            att = att.masked_fill(mask, float("-inf"))
+        a = att.softmax(-1) @ v  # [B, h, T, C/h]
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, C))
         return x + self.down(F.gelu(self.up(self.ln2(x))))
 
@@ -180,6 +186,33 @@ class CharTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
+
+
+def upscaled_digits(seed: int = 0, size: int = 16) -> Dataset:
+    """:func:`digits_data` bilinearly upscaled to ``[N, 1, size, size]``."""
+    d = digits_data(seed)
+    up = [F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+          for x in (d.x_train, d.x_test)]
+    return Dataset(up[0], d.y_train, up[1], d.y_test)
+
+
+class DigitsViT(nn.Module):
+    """Patch embedding (4 x 4), learned positions, pre-LN blocks (no mask), mean pool, head."""
+
+    def __init__(self, *, size: int = 16, patch: int = 4, dim: int = 48, heads: int = 4,
+                 layers: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (size // patch) ** 2, dim))
+        self.blocks = nn.ModuleList(_Block(dim, heads, causal=False) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, 1, size, size] -> logits [B, classes]
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # [B, T, dim]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x).mean(1))
 
 
 def lm_loss(logits: Tensor, y: Tensor) -> Tensor:

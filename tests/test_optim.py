@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from curvlens.optim._functional import (
-    adamw,
+from curvlens.optim._functional import adamw, spectral_newton
+from curvlens.optim._kernels import (
     scale_to_rms,
-    spectral_newton,
     spectral_transform,
     spectral_update_cholesky,
     spectral_update_eigh,

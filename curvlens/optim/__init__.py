@@ -1,6 +1,6 @@
-"""Optimizers driven by curvature measurements: SpectralNewton and its functional kernels."""
+"""Optimizers driven by curvature measurements: SpectralNewton, its policy and its kernels."""
 
-from curvlens.optim._functional import (
+from curvlens.optim._kernels import (
     DampingMode,
     scale_to_rms,
     spectral_transform,
@@ -8,13 +8,19 @@ from curvlens.optim._functional import (
     spectral_update_cholesky,
     spectral_update_eigh,
     spectral_update_svd,
+    update_bound,
 )
-from curvlens.optim.spectral_newton import DEFAULT_ALPHA, SpectralNewton, split_parameters
+from curvlens.optim._policy import LayerChoice, Role, choose, roles, split_parameters
+from curvlens.optim.spectral_newton import DEFAULT_ALPHA, SpectralNewton
 
 __all__ = [
     "SpectralNewton",
     "split_parameters",
     "DEFAULT_ALPHA",
+    "Role",
+    "LayerChoice",
+    "roles",
+    "choose",
     "DampingMode",
     "spectral_transform",
     "spectral_update",
@@ -22,4 +28,5 @@ __all__ = [
     "spectral_update_cholesky",
     "spectral_update_eigh",
     "scale_to_rms",
+    "update_bound",
 ]
