@@ -26,8 +26,9 @@ def _svd_formula(M: torch.Tensor, alpha: float, d: float, relative: bool = False
     out = []
     for X in M.reshape(-1, *M.shape[-2:]):
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-        dd = d * S[0] ** alpha if relative else d
-        out.append(U @ torch.diag(S / (S**alpha + dd)) @ Vh)
+        S = S / S[0] if relative else S  # relative damping: T of sigma / sigma_1
+        T = torch.where(S > 0, S / (S**alpha + d), 0.0)
+        out.append(U @ torch.diag(T) @ Vh)
     return torch.stack(out).reshape(M.shape)
 
 
@@ -244,7 +245,7 @@ def test_first_step_matches_formula_with_alpha_dict():
     net = _Net()
     ref = copy.deepcopy(net)
     opt = SpectralNewton(net, lr=0.3, alpha={"conv": 1.3}, damping=0.02, weight_decay=0.1,
-                         momentum=0.9)
+                         momentum=0.9, damping_mode="absolute", rms_scale=False)
     _train(net, opt, 1)
     x, y = _data()
     nn.functional.cross_entropy(ref(x), y).backward()
@@ -266,7 +267,8 @@ def test_huge_damping_is_sgd_with_nesterov_momentum(alpha):
     d, lr, mu = 1e12, 1e10, 0.9
     mats = [net.conv.weight, net.fc.weight]
     opt = SpectralNewton([{"params": mats, "use_spectral": True}], lr=lr, alpha=alpha,
-                         damping=d, momentum=mu, nesterov=True)
+                         damping=d, momentum=mu, nesterov=True, damping_mode="absolute",
+                         rms_scale=False, weight_decay=0.0)
     sgd = torch.optim.SGD([ref.conv.weight, ref.fc.weight], lr=lr * (1 - mu) / d, momentum=mu,
                           nesterov=True)
     _train(net, opt, 5)
@@ -379,7 +381,7 @@ def test_auto_alpha_reads_lens_clips_and_falls_back():
     torch.manual_seed(0)
     net = _Net()
     lens = _FakeLens({"conv": 7.0, "fc": float("nan")})
-    opt = SpectralNewton(net, alpha="auto", lens=lens, alpha_range=(0.5, 3.0), auto_every=4)
+    opt = SpectralNewton(net, alpha="auto", lens=lens, alpha_range=(1.0, 3.0), auto_every=4)
     _train(net, opt, 2)
     assert opt.state[net.conv.weight]["alpha"] == 3.0  # clipped
     assert opt.state[net.fc.weight]["alpha"] == 2.0  # NaN: fallback before any measurement
@@ -490,14 +492,18 @@ def test_sparse_and_complex_gradients_rejected():
 def test_bad_arguments_raise():
     net = _Net()
     params = list(net.parameters())
-    with pytest.raises(ValueError, match="alpha dict needs parameter names"):
+    with pytest.raises(ValueError, match="alpha=a dict needs parameter names"):
         SpectralNewton(params, alpha={"fc": 1.0})
     with pytest.raises(ValueError, match=r"\['nope'\].*spectral layers: \['conv', 'fc'\]"):
         SpectralNewton(net, alpha={"nope": 1.0})
     with pytest.raises(ValueError, match="alpha='auto' needs lens"):
         SpectralNewton(net, alpha="auto")
-    with pytest.raises(ValueError, match="alpha must be a number > 0"):
-        SpectralNewton(net, alpha=-1.0)
+    with pytest.raises(ValueError, match="alpha must be a number >= 1"):
+        SpectralNewton(net, alpha=0.5)
+    with pytest.raises(ValueError, match="damping=0.0 has no bounded update"):
+        SpectralNewton(net, alpha=2.0, damping=0.0)
+    with pytest.raises(ValueError, match="alpha_range must satisfy 1 <= lo"):
+        SpectralNewton(net, alpha_range=(0.5, 3.0))
     with pytest.raises(ValueError, match="damping_mode must be one of"):
         SpectralNewton(net, damping_mode="percent")
     with pytest.raises(ValueError, match="lr must be a finite number"):

@@ -269,11 +269,9 @@ class SpectralNewton(torch.optim.Optimizer):
                 self._check_alpha_value(value, f"alpha[{name!r}]", group["damping"])
         else:
             self._check_alpha_value(alpha, "alpha", group["damping"])
-        if group["damping"] <= 0 and not (not isinstance(alpha, (Mapping, str)) and alpha == 1):
-            raise ValueError(
-                f"damping must be > 0 (got {group['damping']!r}) unless alpha == 1: with d = 0 the "
-                "update sigma^(1 - alpha) grows without bound as the gradient shrinks"
-            )
+        if alpha == "auto" and group["damping"] <= 0:
+            raise ValueError(f"alpha='auto' needs damping > 0, got {group['damping']!r}: with "
+                             "d = 0 the update grows without bound as the gradient shrinks")
 
     @staticmethod
     def _check_alpha_value(value: Any, what: str, damping: float) -> None:
@@ -282,8 +280,8 @@ class SpectralNewton(torch.optim.Optimizer):
                              f"bound with the gradient), a {{layer name: alpha}} dict or 'auto', "
                              f"got {value!r}")
         if not math.isfinite(update_bound(float(value), damping)):
-            raise ValueError(f"{what}={value!r} with damping={damping!r} has no bounded update; "
-                             "use damping > 0")
+            raise ValueError(f"{what}={value!r} with damping={damping!r} has no bounded update "
+                             "(it grows without bound as the gradient shrinks); use damping > 0")
 
     def _check_alpha_names(self) -> None:
         known: set[str] = set()
@@ -402,7 +400,7 @@ class SpectralNewton(torch.optim.Optimizer):
     def _spectral_plan(self, plan: dict[str, Any], idx: list[int],
                        measured: Mapping[str, Any] | None) -> None:
         group, states = plan["group"], plan["states"]
-        picked = [self._alpha(group, i, st, int(st["step"]) + 1, measured)
+        picked = [self._alpha(group, i, st, int(st["step"]), measured)
                   for i, st in zip(idx, states)]
         owners, rank, world = None, 0, 1
         if group["distributed"] and _dist.is_distributed():
