@@ -152,7 +152,8 @@ def run_one(task: str, method: str, lr: float, seed: int, epochs: int) -> Run:
             return [char_batch(train, 16, 32, gen) for _ in range(25)]
     else:
         train, val, test = _data(task)
-        model, loss_fn = (DigitsCNN() if task == "digits" else DigitsViT()), nn.functional.cross_entropy
+        model = DigitsCNN() if task == "digits" else DigitsViT()
+        loss_fn = nn.functional.cross_entropy
         evals = {"train": [train], "val": [val], "test": [test]}
 
         def batches():

@@ -1,4 +1,4 @@
-"""Optimizer step time: SpectralNewton vs torch.optim.Muon vs AdamW, on big matrices and a small GPT.
+"""Optimizer step time: SpectralNewton vs torch.optim.Muon vs AdamW, big matrices and a small GPT.
 
 What is compared (CPU, one thread, float32 parameters, interleaved paired rounds: every round times
 one step of each method in a rotating order; the ratio is the median over rounds of the per-round

@@ -11,7 +11,7 @@
   covariance, targets from a random two-layer tanh teacher plus noise; an MLP student.
 
 Together they reproduce the per-layer table of Calvo, 2026, arXiv:2606.02596, on data that needs
-no download.
+no download; the vision transformer is the optimizer benchmark's third architecture.
 """
 
 from __future__ import annotations

@@ -123,6 +123,17 @@ def test_lens_alpha_used_only_when_its_interval_is_narrow(alpha, ci, expect):
     assert opt.state[net.conv.weight]["alpha"] == 2.5
 
 
+def test_lens_alpha_flagged_untrusted_is_not_used():
+    net = _Zoo()
+    lens = _lens(1.6, (1.5, 1.7))
+    lens.history[-1].layers["mlp"].trusted = lambda exponent: exponent != "alpha"
+    opt = SpectralNewton(net, lens=lens)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[net.mlp.weight]["alpha"] == 2.0
+
+
 def test_explicit_options_override_the_policy():
     net = _Zoo()
     opt = SpectralNewton(net, lr=0.05, alpha=1.5, damping=0.1, damping_mode="absolute",

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from curvlens.layers import LayerKind, find_layers
 
 __all__ = [
     "Role", "LayerChoice", "roles", "choose", "measured_alpha", "latest_reports",
-    "split_parameters", "POLICY_ALPHA_RANGE",
+    "split_parameters", "split_groups", "POLICY_ALPHA_RANGE",
 ]
 
 POLICY_ALPHA_RANGE = (1.0, 3.0)
@@ -117,7 +117,7 @@ def roles(model: nn.Module) -> dict[str, Role]:
     """``{parameter name: Role}`` for every trainable parameter of ``model``, in model order.
 
     Example:
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 8), nn.Linear(8, 2))
         >>> {k: v.value for k, v in roles(net).items()}  # doctest: +NORMALIZE_WHITESPACE
         {'0.weight': 'conv', '0.bias': 'vector', '2.weight': 'hidden', '2.bias': 'vector',
@@ -170,11 +170,12 @@ def choose(role: Role, shape: tuple[int, ...], *, head_to_adamw: bool = True) ->
 
 
 def measured_alpha(report: Any, default: float) -> float:
-    """The exponent to use given a layer's report (``alpha``, optional ``alpha_ci``).
+    """The exponent to use given a layer's report (``alpha``, optional ``alpha_ci``, ``trusted``).
 
-    A finite ``alpha`` whose 95% interval is finite and narrower than ``1`` is clipped to
-    ``[1, 3]``; anything else (no fit, a wide or missing interval) keeps ``default``. A bare number
-    (an object without ``alpha``) is treated as a point estimate without an interval and clipped.
+    A finite ``alpha`` whose 95% interval is finite and narrower than ``1``, and that the report
+    does not flag as untrusted (``report.trusted("alpha")`` where reports carry trust flags), is
+    clipped to ``[1, 3]``; anything else (no fit, a wide interval, a flag) keeps ``default``. A
+    bare number (from ``lens.latest_alphas()``) is a point estimate without an interval: clipped.
 
     Example:
         >>> from types import SimpleNamespace as R
@@ -188,7 +189,8 @@ def measured_alpha(report: Any, default: float) -> float:
         value, ci = float(report), None
     else:
         value, ci = float(getattr(report, "alpha", math.nan)), getattr(report, "alpha_ci", None)
-    if not math.isfinite(value):
+    trusted = getattr(report, "trusted", None)
+    if not math.isfinite(value) or (callable(trusted) and not trusted("alpha")):
         return default
     if ci is not None and not isinstance(report, (int, float)):
         a, b = (float(v) for v in ci)
@@ -233,7 +235,7 @@ def split_parameters(
         ValueError: a name in ``extra_adamw`` that is neither a module nor a parameter of ``model``.
 
     Example:
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 8), nn.Linear(8, 2))
         >>> spectral, other = split_parameters(net)
         >>> list(spectral), list(other)
@@ -261,3 +263,31 @@ def split_parameters(
         if p.requires_grad:
             (spectral if id(p) in spectral_ids and name not in extra else other)[name] = p
     return spectral, other
+
+
+def split_groups(params: Iterable[Any], adamw_overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Param groups from parameters, ``(name, parameter)`` pairs or group dicts: groups that do
+    not set ``use_spectral`` are split, ``ndim >= 2`` to the spectral update, the rest to AdamW
+    (with ``adamw_overrides``)."""
+    if isinstance(params, Tensor):
+        raise TypeError("params should be an iterable of Tensors, not a Tensor")
+    items = list(params)
+    if items and not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups: list[dict[str, Any]] = []
+    for group in items:
+        if "use_spectral" in group:
+            groups.append(dict(group))
+            continue
+        plist = group["params"]
+        plist = [plist] if isinstance(plist, Tensor) else list(plist)
+        tensor = (lambda e: e[1]) if plist and isinstance(plist[0], tuple) else (lambda e: e)
+        rest = {k: v for k, v in group.items() if k != "params"}
+        mats = [e for e in plist if tensor(e).ndim >= 2]
+        vecs = [e for e in plist if tensor(e).ndim < 2]
+        if mats or not vecs:
+            groups.append({**rest, "params": mats, "use_spectral": True})
+        if vecs:
+            groups.append({**rest, "params": vecs, "use_spectral": False,
+                           **adamw_overrides})
+    return groups

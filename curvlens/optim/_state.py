@@ -6,13 +6,16 @@ step or a load that fails leaves parameters and state exactly as they were.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["param_label", "check_gradients", "first_nonfinite", "check_state_dict"]
+from curvlens.optim._kernels import update_bound
+
+__all__ = ["param_label", "check_alpha", "check_gradients", "first_nonfinite", "check_state_dict"]
 
 _ROLE_KEYS = {True: ("momentum_buffer",), False: ("exp_avg", "exp_avg_sq")}
 
@@ -120,3 +123,14 @@ def check_state_dict(param_groups: list[dict[str, Any]], state_dict: dict[str, A
                         f"{label} has shape {tuple(p.shape)} but its saved {key!r} has "
                         f"{tuple(value.shape)}: the state dict belongs to another model or "
                         "parameter order")
+
+
+def check_alpha(value: Any, what: str, damping: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number ``>= 1`` with a bounded update."""
+    if isinstance(value, str) or not isinstance(value, (int, float)) or not value >= 1:
+        raise ValueError(f"{what} must be a number >= 1 (below 1 the update grows without "
+                         f"bound with the gradient), a {{layer name: alpha}} dict or 'auto', "
+                         f"got {value!r}")
+    if not math.isfinite(update_bound(float(value), damping)):
+        raise ValueError(f"{what}={value!r} with damping={damping!r} has no bounded update "
+                         "(it grows without bound as the gradient shrinks); use damping > 0")

@@ -21,9 +21,22 @@ from torch import Tensor, nn
 from curvlens import _dist
 from curvlens.optim._distributed import assign_owners
 from curvlens.optim._functional import adamw, finite_or_zero, spectral_directions
-from curvlens.optim._kernels import DampingMode, _damping_mode, update_bound
-from curvlens.optim._policy import choose, latest_reports, measured_alpha, roles, split_parameters
-from curvlens.optim._state import check_gradients, check_state_dict, first_nonfinite, param_label
+from curvlens.optim._kernels import DampingMode, _damping_mode
+from curvlens.optim._policy import (
+    choose,
+    latest_reports,
+    measured_alpha,
+    roles,
+    split_groups,
+    split_parameters,
+)
+from curvlens.optim._state import (
+    check_alpha,
+    check_gradients,
+    check_state_dict,
+    first_nonfinite,
+    param_label,
+)
 
 __all__ = ["SpectralNewton", "split_parameters", "DEFAULT_ALPHA"]
 
@@ -194,7 +207,7 @@ class SpectralNewton(torch.optim.Optimizer):
         if isinstance(params_or_model, nn.Module):
             groups = self._policy_groups(params_or_model, head_to_adamw, extra_adamw)
         else:
-            groups = self._split_groups(params_or_model)
+            groups = split_groups(params_or_model, self._adamw_overrides)
         if not groups:
             raise ValueError("SpectralNewton got no trainable parameters")
         super().__init__(groups, defaults)
@@ -216,30 +229,6 @@ class SpectralNewton(torch.optim.Optimizer):
         if other:
             groups.append({"params": list(other.items()), "use_spectral": False,
                            **self._adamw_overrides})
-        return groups
-
-    def _split_groups(self, params: Iterable[Any]) -> list[dict[str, Any]]:
-        if isinstance(params, Tensor):
-            raise TypeError("params should be an iterable of Tensors, not a Tensor")
-        items = list(params)
-        if items and not isinstance(items[0], dict):
-            items = [{"params": items}]
-        groups: list[dict[str, Any]] = []
-        for group in items:
-            if "use_spectral" in group:
-                groups.append(dict(group))
-                continue
-            plist = group["params"]
-            plist = [plist] if isinstance(plist, Tensor) else list(plist)
-            tensor = (lambda e: e[1]) if plist and isinstance(plist[0], tuple) else (lambda e: e)
-            rest = {k: v for k, v in group.items() if k != "params"}
-            mats = [e for e in plist if tensor(e).ndim >= 2]
-            vecs = [e for e in plist if tensor(e).ndim < 2]
-            if mats or not vecs:
-                groups.append({**rest, "params": mats, "use_spectral": True})
-            if vecs:
-                groups.append({**rest, "params": vecs, "use_spectral": False,
-                               **self._adamw_overrides})
         return groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -266,22 +255,12 @@ class SpectralNewton(torch.optim.Optimizer):
                     "bare parameters"
                 )
             for name, value in (alpha.items() if isinstance(alpha, Mapping) else ()):
-                self._check_alpha_value(value, f"alpha[{name!r}]", group["damping"])
+                check_alpha(value, f"alpha[{name!r}]", group["damping"])
         else:
-            self._check_alpha_value(alpha, "alpha", group["damping"])
+            check_alpha(alpha, "alpha", group["damping"])
         if alpha == "auto" and group["damping"] <= 0:
             raise ValueError(f"alpha='auto' needs damping > 0, got {group['damping']!r}: with "
                              "d = 0 the update grows without bound as the gradient shrinks")
-
-    @staticmethod
-    def _check_alpha_value(value: Any, what: str, damping: float) -> None:
-        if isinstance(value, str) or not isinstance(value, (int, float)) or not value >= 1:
-            raise ValueError(f"{what} must be a number >= 1 (below 1 the update grows without "
-                             f"bound with the gradient), a {{layer name: alpha}} dict or 'auto', "
-                             f"got {value!r}")
-        if not math.isfinite(update_bound(float(value), damping)):
-            raise ValueError(f"{what}={value!r} with damping={damping!r} has no bounded update "
-                             "(it grows without bound as the gradient shrinks); use damping > 0")
 
     def _check_alpha_names(self) -> None:
         known: set[str] = set()
