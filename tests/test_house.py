@@ -46,7 +46,6 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
 MAX_LINES = 420
 #: Modules allowed over MAX_LINES, with the reason (mirrored in docs/architecture.rst).
 LONG_MODULES: dict[str, str] = {
-    "curvlens/optim/spectral_newton.py": "being split into policy and optimizer (in progress)",
 }
 
 

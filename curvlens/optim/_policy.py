@@ -40,8 +40,12 @@ from curvlens.layers import LayerKind, find_layers
 
 __all__ = [
     "Role", "LayerChoice", "roles", "choose", "measured_alpha", "latest_reports",
-    "split_parameters", "split_groups", "POLICY_ALPHA_RANGE",
+    "split_parameters", "split_groups", "group_alpha", "layer_name", "DEFAULT_ALPHA",
+    "POLICY_ALPHA_RANGE",
 ]
+
+DEFAULT_ALPHA = 2.0
+"""The exponent used where none is given or measured (conv layers measure ~2 in the paper)."""
 
 POLICY_ALPHA_RANGE = (1.0, 3.0)
 """Measured exponents are clipped to this range (below 1 the update would grow with sigma)."""
@@ -291,3 +295,32 @@ def split_groups(params: Iterable[Any], adamw_overrides: Mapping[str, Any]) -> l
             groups.append({**rest, "params": vecs, "use_spectral": False,
                            **adamw_overrides})
     return groups
+
+
+def layer_name(param_name: str) -> str:
+    """``"fc.weight"`` -> ``"fc"``."""
+    return param_name.removesuffix(".weight")
+
+
+def group_alpha(group: dict[str, Any], i: int, state: Mapping[str, Any], step: int,
+                measured: Mapping[str, Any] | None) -> tuple[float, dict[str, Any]]:
+    """The exponent of parameter ``i`` of a spectral ``group`` at ``step`` (a number, a
+    ``{layer: alpha}`` dict or ``"auto"`` from ``measured`` reports every ``auto_every`` steps),
+    and the state entries to commit with the step."""
+    alpha = group["alpha"]
+    if isinstance(alpha, Mapping):
+        pname = group["param_names"][i]
+        return float(alpha.get(layer_name(pname), alpha.get(pname, DEFAULT_ALPHA))), {}
+    if alpha != "auto":
+        return float(alpha), {}
+    current = float(state.get("alpha", DEFAULT_ALPHA))
+    due = step % group["auto_every"] == 0 or not state.get("alpha_measured")
+    report = (measured or {}).get(layer_name(group["param_names"][i]))
+    if not due or report is None:
+        return current, {"alpha": current}
+    lo, hi = group["alpha_range"]
+    value = measured_alpha(report, math.nan)
+    if not math.isfinite(value):
+        return current, {"alpha": current}
+    value = min(max(value, lo), hi)
+    return value, {"alpha": value, "alpha_measured": True}

@@ -23,9 +23,11 @@ from curvlens.optim._distributed import assign_owners
 from curvlens.optim._functional import adamw, finite_or_zero, spectral_directions
 from curvlens.optim._kernels import DampingMode, _damping_mode
 from curvlens.optim._policy import (
+    DEFAULT_ALPHA,
     choose,
+    group_alpha,
     latest_reports,
-    measured_alpha,
+    layer_name,
     roles,
     split_groups,
     split_parameters,
@@ -40,14 +42,7 @@ from curvlens.optim._state import (
 
 __all__ = ["SpectralNewton", "split_parameters", "DEFAULT_ALPHA"]
 
-DEFAULT_ALPHA = 2.0
-"""The exponent used where none is given or measured (conv layers measure ~2 in the paper)."""
-
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _layer_name(param_name: str) -> str:
-    return param_name.removesuffix(".weight")
 
 
 class SpectralNewton(torch.optim.Optimizer):
@@ -72,14 +67,10 @@ class SpectralNewton(torch.optim.Optimizer):
     ``0.2 * lr``; embeddings, the output head, biases and norm weights get AdamW at the same
     ``lr``. One learning rate for everything, whatever the gradients' scale (relative damping
     and the RMS rule make the update independent of it). With ``lens=`` a layer's measured
-    exponent replaces 2 when its 95% interval is narrower than 1 (clipped to ``[1, 3]``).
-    Evidence (``benchmarks/bench_optim.py``, ``benchmarks/results/bench_optim.{json,log,png}``,
-    learning rates tuned per method on a validation split, 3 runs each, test split):
-    the policy is scale-free where absolute damping failed -- the character transformer's
-    gradient singular values lie far below ``sqrt(d)``, where absolute damping is plain SGD
-    (test loss 1.93-1.99 against 1.76 for relative damping) -- and the RMS rule makes one ``lr``
-    fit the AdamW part too. Explicit ``alpha``, ``damping``, ``damping_mode``, ``rms_scale`` and
-    ``adamw_lr`` override the policy.
+    exponent replaces 2 when its 95% interval is narrower than 1 (clipped to ``[1, 3]``). The
+    evidence (``benchmarks/bench_optim.py``, three tasks, lr tuned per method on a validation
+    split) is in :mod:`curvlens.optim._policy`. Explicit ``alpha``, ``damping``,
+    ``damping_mode``, ``rms_scale`` and ``adamw_lr`` override the policy.
 
     **Bounded updates.** Every singular value of ``U diag(T(sigma)) V^T`` is at most
     ``c = update_bound(alpha, damping)`` (``1 / (2 sqrt(d))`` for ``alpha = 2``, ``1`` for
@@ -266,14 +257,14 @@ class SpectralNewton(torch.optim.Optimizer):
         known: set[str] = set()
         for g in self.param_groups:
             if g["use_spectral"] and "param_names" in g:
-                known |= {n for pn in g["param_names"] for n in (pn, _layer_name(pn))}
+                known |= {n for pn in g["param_names"] for n in (pn, layer_name(pn))}
         for g in self.param_groups:
             if g["use_spectral"] and isinstance(g["alpha"], Mapping):
                 unknown = set(g["alpha"]) - known
                 if unknown:
                     raise ValueError(
                         f"alpha given for {sorted(unknown)}, which are not spectral layers of this "
-                        f"optimizer; spectral layers: {sorted(set(map(_layer_name, known)))}"
+                        f"optimizer; spectral layers: {sorted(set(map(layer_name, known)))}"
                     )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -309,27 +300,6 @@ class SpectralNewton(torch.optim.Optimizer):
                 self.state[p][k] = v.to(device=p.device, copy=True)
 
     # ------------------------------------------------------------------ step
-
-    def _alpha(self, group: dict[str, Any], i: int, state: dict[str, Any], step: int,
-               measured: Mapping[str, Any] | None) -> tuple[float, dict[str, Any]]:
-        """This parameter's exponent and the state entries to commit with the step."""
-        alpha = group["alpha"]
-        if isinstance(alpha, Mapping):
-            pname = group["param_names"][i]
-            return float(alpha.get(_layer_name(pname), alpha.get(pname, DEFAULT_ALPHA))), {}
-        if alpha != "auto":
-            return float(alpha), {}
-        current = float(state.get("alpha", DEFAULT_ALPHA))
-        due = step % group["auto_every"] == 0 or not state.get("alpha_measured")
-        report = (measured or {}).get(_layer_name(group["param_names"][i]))
-        if not due or report is None:
-            return current, {"alpha": current}
-        lo, hi = group["alpha_range"]
-        value = measured_alpha(report, math.nan)
-        if not math.isfinite(value):
-            return current, {"alpha": current}
-        value = min(max(value, lo), hi)
-        return value, {"alpha": value, "alpha_measured": True}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -379,7 +349,7 @@ class SpectralNewton(torch.optim.Optimizer):
     def _spectral_plan(self, plan: dict[str, Any], idx: list[int],
                        measured: Mapping[str, Any] | None) -> None:
         group, states = plan["group"], plan["states"]
-        picked = [self._alpha(group, i, st, int(st["step"]), measured)
+        picked = [group_alpha(group, i, st, int(st["step"]), measured)
                   for i, st in zip(idx, states)]
         owners, rank, world = None, 0, 1
         if group["distributed"] and _dist.is_distributed():
