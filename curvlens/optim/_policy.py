@@ -5,22 +5,26 @@ A user who passes only a model and a learning rate gets, for each trainable para
 :func:`curvlens.layers.find_layers` and, for attention projections, its name), its shape and, when
 a lens is attached, the curvature exponent measured for it (with its confidence interval).
 
-================================  ========  =====  ======  =====================================
-role                              update    alpha  blocks  why
-================================  ========  =====  ======  =====================================
-conv (``weight.flatten(1)``)      spectral  2      1       convolutions measure ``alpha ~ 2``
-hidden linear                     spectral  2      1       Gauss-Newton regime, ``alpha ~ 2``
-attention q / k / v / out         spectral  2      1       as hidden linear layers
-fused q-k-v (``qkv``, ``c_attn``)  spectral  2      3       three blocks with their own spectra
-embedding, head, 1-D, other       AdamW     --     --      not a hidden linear map (as Muon)
-================================  ========  =====  ======  =====================================
+==================================  =========  ======  =======  ====================================
+role                                update     alpha   blocks   why
+==================================  =========  ======  =======  ====================================
+conv (``weight.flatten(1)``)        spectral   2       1        convolutions measure ``alpha ~ 2``
+hidden linear                       spectral   2       1        Gauss-Newton regime, ``alpha ~ 2``
+attention q / k / v / out           spectral   2       1        as hidden linear layers
+fused q-k-v (``qkv``, ``c_attn``)   spectral   2       3        three blocks with their own spectra
+embedding, head, 1-D, other         AdamW      --      --       not a hidden linear map (as Muon)
+==================================  =========  ======  =======  ====================================
 
 Every spectral layer uses relative (scale-free) damping ``delta = 0.01`` and has its update
 rescaled to root-mean-square ``0.2 * lr`` (Moonlight's rule, "Muon is Scalable for LLM Training",
 Liu et al., 2025, arXiv:2502.16982), so one learning rate serves every layer, every shape and
 the AdamW part, whatever the gradients' scale. With a lens, a layer's measured exponent replaces
 the role's when it is finite and its 95% interval is narrower than ``1``, clipped to ``[1, 3]``.
-Evidence: ``benchmarks/bench_optim.py`` (three tasks; see the class docstring).
+Evidence (``benchmarks/bench_optim.py``; lr tuned per method on validation loss, 3 seeds, test
+split): mean test loss 0.0415 on a digits CNN (torch.optim.Muon 0.0581, AdamW 0.0666), 1.660 on a
+character transformer (1.788, 1.840), 0.106 on a small ViT (Muon 0.099, AdamW 0.190). Absolute
+damping had lost on the transformer (1.93-1.99), whose gradient singular values lie far below
+``sqrt(d)``; relative damping and the RMS rule make the update independent of the gradients' scale.
 
 The main paper is "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition
 of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596).
