@@ -197,3 +197,24 @@ def test_load_state_dict_rejects_other_group_counts_and_keys():
                                          r"\['momentum_buffer'\]"):
         fresh.load_state_dict(bad)
     fresh.load_state_dict(sd)  # the matching one loads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rms_scale", [None, False])
+def test_memorisation_keeps_its_converged_loss_and_bounded_weights(rms_scale):
+    """Relative damping on a converged toy task: the old update grew as 1/||G|| and sent the
+    weights to 188 (2.8e11 at lr 1e-3); now each step is bounded, so training stays put."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    net = _Net(16)
+    opt = SpectralNewton(net, lr=3e-3 if rms_scale is None else 0.01, rms_scale=rms_scale)
+    losses = []
+    for _ in range(600):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert min(losses) < 5e-2
+    assert losses[-1] < 2 * min(losses) + 1e-3  # no loss of the converged value
+    assert max(float(p.detach().abs().max()) for p in net.parameters()) < 20
