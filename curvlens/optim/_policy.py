@@ -157,7 +157,7 @@ def roles(model: nn.Module) -> dict[str, Role]:
     }
 
 
-_SPECTRAL_ROLES = {Role.CONV, Role.HIDDEN, Role.ATTN_QKV, Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V,
+_MATRIX_ROLES = {Role.CONV, Role.HIDDEN, Role.ATTN_QKV, Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V,
                    Role.ATTN_OUT}
 
 
@@ -170,7 +170,7 @@ def choose(role: Role, shape: tuple[int, ...], *, head_to_adamw: bool = True) ->
         >>> choose(Role.HEAD, (10, 64)).use_spectral
         False
     """
-    spectral = role in _SPECTRAL_ROLES or (role is Role.HEAD and not head_to_adamw)
+    spectral = role in _MATRIX_ROLES or (role is Role.HEAD and not head_to_adamw)
     if not spectral or len(shape) < 2:
         return LayerChoice(role=role, use_spectral=False)
     blocks = 3 if role is Role.ATTN_QKV and shape[0] % 3 == 0 else 1
