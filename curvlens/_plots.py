@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvlens.results import LayerReport, Report
+if TYPE_CHECKING:
+    from curvlens.results import LayerReport, Report
 
 __all__ = ["write_plots"]
 
@@ -214,8 +215,6 @@ def _rank_profile(report: Report, Figure: Any, Canvas: Any, path: Path, pc: bool
 
 def write_plots(report: Report, directory: Path, history: list[Report]) -> list[Path]:
     """Write every figure of :func:`curvlens.report.plot`; returns the paths."""
-    if not isinstance(report, Report):
-        raise TypeError(f"plot needs a curvlens Report, got {type(report).__name__}")
     if not report.layers:
         raise ValueError("the report has no layers; nothing to plot")
     Figure, Canvas = _mpl()

@@ -23,8 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -33,8 +31,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from curvlens._io import atomic_write_text, read_json
-from curvlens.results import LayerReport, Report, check_format
+from curvlens._csv import write_csv
+from curvlens._io import atomic_write_text
+from curvlens._plots import write_plots
+from curvlens.results import RUN_FORMAT, RUN_VERSION, LayerReport, Report, read_reports
 
 __all__ = [
     "table",
@@ -49,7 +49,6 @@ __all__ = [
     "median_transfer_error",
 ]
 
-_RUN_FORMAT = "curvlens.run"
 _BIC_SHORT = {"power_law": "pow", "exponential": "exp", "lognormal": "logn", "": "-"}
 
 # (header, width, getter) of the table columns after the layer name.
@@ -212,7 +211,7 @@ def to_json(report: Report, path: str | os.PathLike) -> Path:
     """
     if not isinstance(report, Report):
         raise TypeError(f"to_json needs a curvlens Report, got {type(report).__name__}")
-    return atomic_write_text(path, json.dumps(report.to_dict(), indent=1))
+    return report.to_json(path)
 
 
 def save_reports(reports: Sequence[Report], path: str | os.PathLike,
@@ -228,32 +227,20 @@ def save_reports(reports: Sequence[Report], path: str | os.PathLike,
     bad = [type(r).__name__ for r in reports if not isinstance(r, Report)]
     if bad:
         raise TypeError(f"save_reports needs curvlens Reports, got {bad[:3]}")
-    data = {"format": _RUN_FORMAT, "version": 1, "meta": dict(meta or {}),
+    data = {"format": RUN_FORMAT, "version": RUN_VERSION, "meta": dict(meta or {}),
             "reports": [r.to_dict() for r in reports]}
     return atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def load_reports(path: str | os.PathLike) -> list[Report]:
-    """Read a report file or a run file; returns the reports, oldest first."""
-    data = read_json(path, "report file")
-    try:
-        if isinstance(data, dict) and data.get("format") == _RUN_FORMAT:
-            check_format(data, _RUN_FORMAT, 1, "curvlens run")
-            reports = data.get("reports", [])
-            if not isinstance(reports, list):
-                raise ValueError(f"run: field 'reports' must be a list, got "
-                                 f"{type(reports).__name__}")
-            return [_run_entry(d, i) for i, d in enumerate(reports)]
-        return [Report.from_dict(data)]
-    except ValueError as err:
-        raise ValueError(f"{str(path)!r}: {err}") from None
+    """Read a report file or a run file; returns the reports, oldest first.
 
-
-def _run_entry(data: Any, index: int) -> Report:
-    try:
-        return Report.from_dict(data)
-    except ValueError as err:
-        raise ValueError(f"run: reports[{index}]: {err}") from None
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, not JSON, or not a valid curvlens report or run (the message
+            names the file, the field and the layer).
+    """
+    return read_reports(path)
 
 
 def from_json(path: str | os.PathLike) -> Report:
@@ -263,32 +250,7 @@ def from_json(path: str | os.PathLike) -> Report:
         FileNotFoundError: no such file.
         ValueError: not JSON, not a curvlens report, or an empty run.
     """
-    reports = load_reports(path)
-    if not reports:
-        raise ValueError(f"{str(path)!r} is a curvlens run without reports")
-    return reports[-1]
-
-
-# --------------------------------------------------------------------------- CSV
-
-_CSV_FIRST = ["epoch", "step", "layer", "kind", "m", "n", "top_k", "rank", "bic_best",
-              "n_negative_h", "n_negative_lambda", "alpha_n", "k_kept", "n_warnings"]
-
-
-def _csv_rows(report: Report) -> list[dict[str, Any]]:
-    rows = []
-    for name, rep in report.layers.items():
-        m, n = (tuple(rep.shape) + (0, 0))[:2]
-        row: dict[str, Any] = {
-            "epoch": report.epoch, "step": report.step, "layer": name, "kind": rep.kind,
-            "m": m, "n": n, "top_k": rep.top_k, "rank": rep.rank, "bic_best": rep.bic_best,
-            "n_negative_h": rep.n_negative_h, "n_negative_lambda": rep.n_negative_lambda,
-            "alpha_n": rep.alpha_n, "k_kept": rep.k_kept, "n_warnings": len(rep.warnings),
-        }
-        row.update({k: repr(v) if isinstance(v, float) else v
-                    for k, v in rep.scalar_fields().items()})
-        rows.append(row)
-    return rows
+    return Report.from_json(path)
 
 
 def to_csv(report: Report | Sequence[Report], path: str | os.PathLike) -> Path:
@@ -296,16 +258,7 @@ def to_csv(report: Report | Sequence[Report], path: str | os.PathLike) -> Path:
 
     Floats are written with ``repr`` (shortest round-trip form, ``nan`` for NaN).
     """
-    reports = [report] if isinstance(report, Report) else list(report)
-    rows = [row for r in reports for row in _csv_rows(r)]
-    fields = list(_CSV_FIRST)
-    for row in rows:
-        fields.extend(k for k in row if k not in fields)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+    return write_csv([report] if isinstance(report, Report) else list(report), path)
 
 
 # --------------------------------------------------------------------------- plots
@@ -324,8 +277,9 @@ def plot(report: Report, directory: str | os.PathLike,
         The paths written.
 
     Raises:
+        TypeError: ``report`` is not a :class:`~curvlens.results.Report`.
         ImportError: matplotlib is not installed (``pip install matplotlib``).
     """
-    from curvlens._plots import write_plots
-
+    if not isinstance(report, Report):
+        raise TypeError(f"plot needs a curvlens Report, got {type(report).__name__}")
     return write_plots(report, Path(directory), list(history or []))

@@ -11,6 +11,7 @@ computes them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import warnings
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curvlens._csv import write_csv
+from curvlens._io import atomic_write_text, read_json
+from curvlens._plots import write_plots
 from curvlens._schema import field_types, from_json_value
 
 __all__ = ["LayerReport", "Report"]
@@ -26,6 +30,9 @@ __all__ = ["LayerReport", "Report"]
 _NAN = float("nan")
 _FORMAT = "curvlens.report"
 _VERSION = 1
+#: A run file: the reports of several epochs (``save_reports`` / ``read_reports``).
+RUN_FORMAT = "curvlens.run"
+RUN_VERSION = 1
 
 
 def check_format(data: Any, fmt: str, version: int, what: str) -> None:
@@ -309,9 +316,9 @@ class Report:
             meta=from_json_value(data.get("meta", {}), dict[str, Any], where.format("meta")),
         )
 
-    # Rendering lives in curvlens.report; these methods are the contract's short forms
-    # (``report.table()``, ``report.to_json(path)``, ...), imported lazily to keep data flowing
-    # one way (results -> report).
+    # The contract's short forms (``report.table()``, ``report.to_json(path)``, ...). Files and
+    # figures are written by modules that read reports without importing this one, so data
+    # flows one way; the table still comes from curvlens.report (moving to its own module).
 
     def table(self, *, width: int = 80, summary: bool = True) -> str:
         """The per-layer table (see :func:`curvlens.report.table`)."""
@@ -321,25 +328,54 @@ class Report:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the report as JSON, atomically (see :func:`curvlens.report.to_json`)."""
-        from curvlens.report import to_json
-
-        return to_json(self, path)
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Report:
-        """Read a report written by :meth:`to_json`."""
-        from curvlens.report import from_json
+        """Read a report written by :meth:`to_json` (or the last report of a run file).
 
-        return from_json(path)
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not JSON, not a curvlens report, or an empty run.
+        """
+        reports = read_reports(path)
+        if not reports:
+            raise ValueError(f"{str(path)!r} is a curvlens run without reports")
+        return reports[-1]
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write one CSV row per layer, atomically (see :func:`curvlens.report.to_csv`)."""
-        from curvlens.report import to_csv
-
-        return to_csv(self, path)
+        return write_csv([self], path)
 
     def plot(self, directory: str | os.PathLike, history: list[Report] | None = None) -> list[Path]:
         """Write the PNG figures into ``directory`` (see :func:`curvlens.report.plot`)."""
-        from curvlens.report import plot
+        return write_plots(self, Path(directory), list(history or []))
 
-        return plot(self, directory, history)
+
+def read_reports(path: str | os.PathLike) -> list[Report]:
+    """The reports in a report file (one) or a run file (oldest first).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, not JSON, or not a valid curvlens report or run (the message
+            names the file, the field and the layer).
+    """
+    data = read_json(path, "report file")
+    try:
+        if isinstance(data, dict) and data.get("format") == RUN_FORMAT:
+            check_format(data, RUN_FORMAT, RUN_VERSION, "curvlens run")
+            reports = data.get("reports", [])
+            if not isinstance(reports, list):
+                raise ValueError(f"run: field 'reports' must be a list, got "
+                                 f"{type(reports).__name__}")
+            return [_run_entry(d, i) for i, d in enumerate(reports)]
+        return [Report.from_dict(data)]
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}") from None
+
+
+def _run_entry(data: Any, index: int) -> Report:
+    try:
+        return Report.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"run: reports[{index}]: {err}") from None
