@@ -44,6 +44,9 @@ __all__ = [
     "FactorSide",
 ]
 
+#: dense sides from this size on are summed in 4 x 4 blocks, upper triangle only
+_BLOCKED_FROM = 512
+_BLOCKS = 4
 #: a side larger than this is sketched (unless it is diagonal)
 SKETCH_ABOVE = 8192
 #: columns of the sketch's test matrix
@@ -126,10 +129,34 @@ class FactorSide:
                 return
             self._widen("dense" if self.dense_ok else "sketch")
         if self.state == "dense":
-            self.dense += rows.mT @ rows
+            self._add_dense(rows)
         else:
             self.diag += rows.square().sum(0)
-            self.Y += rows.mT @ (rows @ self.omega())
+            self.Y.addmm_(rows.mT, rows @ self.omega())
+
+    def _blocks(self) -> list[tuple[slice, slice]]:
+        """The upper-triangular blocks ``(rows, cols)`` a blocked dense sum updates."""
+        if self.dim < _BLOCKED_FROM:
+            return [(slice(None), slice(None))]
+        edges = [self.dim * i // _BLOCKS for i in range(_BLOCKS + 1)]
+        parts = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+        return [(parts[i], parts[j]) for i in range(_BLOCKS) for j in range(i, _BLOCKS)]
+
+    def _add_dense(self, rows: Tensor) -> None:
+        """``dense += rows^T rows`` in place; above :data:`_BLOCKED_FROM` only its upper block
+        triangle (5/8 of the products for 4 blocks), mirrored when read."""
+        for r, c in self._blocks():
+            self.dense[r, c].addmm_(rows[:, r].mT, rows[:, c])
+
+    def _full_dense(self) -> Tensor:
+        """The symmetric dense sum (the lower blocks mirrored from the upper ones)."""
+        if self.dim < _BLOCKED_FROM:
+            return self.dense
+        full = self.dense.clone()
+        for r, c in self._blocks():
+            if r != c:
+                full[c, r] = full[r, c].mT
+        return full
 
     def _widen(self, state: str) -> None:
         if state == "dense" and self.state == "diag":
@@ -167,7 +194,7 @@ class FactorSide:
     def finish(self, count: int) -> Factor:
         """The averaged factor ``(1/count) sum r r^T`` in its stored form."""
         if self.state == "dense":
-            return self.dense / count
+            return self._full_dense() / count
         if self.state == "diag":
             d = self.diag / count
             return torch.diag(d) if self.dim <= DENSE_DIAGONAL_UP_TO else DiagonalFactor(d)

@@ -131,3 +131,12 @@ def test_sketch_that_does_not_fit_is_refused_with_the_layer_name():
     with pytest.raises(MemoryBudgetError, match=r"layer 'lm_head': a rank-128 sketch of a "
                                                 r"5000-dimensional factor side"):
         side.add(torch.ones(2, 5000, dtype=DT))
+
+
+def test_blocked_dense_sum_equals_the_full_outer_product():
+    side = _side(601)  # summed in upper-triangular blocks of uneven sizes
+    parts = [_rows(40, 601, 1.0, seed=s) for s in range(3)]
+    for rows in parts:
+        side.add(rows)
+    A = torch.cat(parts)
+    torch.testing.assert_close(side.finish(120), A.T @ A / 120, rtol=1e-12, atol=1e-15)
