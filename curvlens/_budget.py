@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-__all__ = ["MemoryBudgetError", "resolve_budget", "check_fits", "format_bytes", "count_that_fits"]
+__all__ = ["MemoryBudgetError", "resolve_budget", "check_fits", "format_bytes", "count_that_fits",
+           "activation_bytes", "direction_chunk"]
 
 GiB = 1024**3
 MiB = 1024**2
@@ -135,3 +138,40 @@ def count_that_fits(per_item: int, budget: int, *, reserve: int = 0) -> int:
         (10, 0)
     """
     return max(0, int((budget - reserve) // max(1, per_item)))
+
+
+def activation_bytes(model: nn.Module, args: tuple[Any, ...]) -> int:
+    """Bytes of every leaf module's output in one forward pass of ``model(*args)`` (no grad).
+
+    A proxy for the memory that each extra direction of a batched second-order product adds
+    (its tangents or its double-backward buffers run through the same activations).
+    """
+    total = [0]
+
+    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, Tensor):
+                total[0] += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def direction_chunk(per_direction: int, budget: int, k: int) -> int:
+    """How many of ``k`` directions one batched second-order product may take at once.
+
+    At least one: a single direction costs about what a training step costs, which the user's
+    model already needs.
+
+    Example:
+        >>> direction_chunk(100, 1000, 20), direction_chunk(100, 50, 20), direction_chunk(1, 99, 7)
+        (10, 1, 7)
+    """
+    return max(1, min(k, count_that_fits(per_direction, budget)))

@@ -363,6 +363,7 @@ class CurvatureLens:
         }
         if self.lanczos_k is not None:
             options["lanczos_k"] = self.lanczos_k
+        options["memory_budget"] = self.memory_budget
         options.update(self.analyze_options)
         params = [p for p in self.model.parameters()]
         saved = [p.grad for p in params]

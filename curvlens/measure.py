@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._budget import activation_bytes, direction_chunk, resolve_budget
 from curvlens._dist import batch_mean
 from curvlens._losses import LossReduction, OutputSelector
 from curvlens._losses import loss_reduction as resolve_reduction
 from curvlens._modes import STOCHASTIC_MODULES
+from curvlens._progress import progress_bar
 from curvlens.analysis import analyze_layer
 from curvlens.hessian import directional_curvature, measurement_mode
 from curvlens.hessian_spectrum import block_eigenvalues
@@ -63,6 +65,7 @@ def analyze_model(
     loss_reduction: LossReduction | str | None = None,
     output: OutputSelector = None,
     likelihood: str | None = None,
+    memory_budget: int | float | str | None = None,
 ) -> Report:
     """Measure every trainable weight matrix of ``model`` on one fixed batch and analyze it.
 
@@ -100,6 +103,11 @@ def analyze_model(
         output, likelihood: for ``kronecker_mode="fisher"``/``"ggn"`` with dict or tuple model
             outputs: which tensor the loss is a function of, and the predictive distribution
             (see :func:`curvlens.kronecker.kronecker_factors`).
+        memory_budget: bytes one large allocation may take (a dense factor side, a Lanczos
+            basis, a chunk of ``h_k`` directions; see :class:`curvlens.CurvatureLens`). An
+            allocation that cannot fit is refused by name and that matrix's fields are NaN
+            with the reason. Lanczos stops at a relative residual of ``1e-2`` for float32
+            weights (eigenvalues to about ``1e-4``), ``sqrt(eps)`` for float64.
 
     Returns:
         A :class:`Report` with one :class:`LayerReport` per matrix (tied weights once, with
@@ -129,7 +137,8 @@ def analyze_model(
     if not found:
         raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a parameter "
                          "with >= 2 dimensions and requires_grad=True)")
-    factor_options = dict(reduction=reduction, output=output, likelihood=likelihood)
+    factor_options = dict(reduction=reduction, output=output, likelihood=likelihood,
+                          memory_budget=memory_budget)
     raw_loss, loss_fn = loss_fn, _as_mean(loss_fn, reduction, batch)
     with measurement_mode(model):
         grads = _layer_gradients(model, loss_fn, args, targets, found)
@@ -142,10 +151,13 @@ def analyze_model(
             notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
                                                else "needs a batch of at least 2 samples"))
         reports: dict[str, LayerReport] = {}
-        for name, info in found.items():
+        budget = resolve_budget(memory_budget, args[0].device)
+        act = activation_bytes(model, args)
+        for name, info in progress_bar(found.items(), desc="analyze", unit="matrix",
+                                       leave=False, total=len(found)):
             measure = _MatrixRun(model, loss_fn, args, targets, info, top_k, lanczos_k, seed,
                                  dict(paper_compatible=paper_compatible, bootstrap=bootstrap,
-                                      seed=seed), notes)
+                                      seed=seed), notes, budget, act)
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
                                     missing.get(name))
     info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
@@ -169,6 +181,8 @@ class _MatrixRun:
     seed: int
     fit: dict
     notes: list[str]
+    budget: int
+    activations: int
 
     def __call__(self, G: Tensor | str, noise: float | None, f: KroneckerFactors | None,
                  no_factors: str | None) -> LayerReport:
@@ -188,8 +202,10 @@ class _MatrixRun:
             return rep
         try:
             U, S, V = gradient_svd(G, k)
+            chunk = direction_chunk(3 * self.activations + 3 * info.weight.nbytes, self.budget, k)
             h = batch_mean(directional_curvature(self.model, self.loss_fn, self.args,
-                                                 self.targets, info, U, V), len(self.args[0]))
+                                                 self.targets, info, U, V, max_batch=chunk),
+                           len(self.args[0]))
         except Exception as err:  # noqa: BLE001 - one matrix must not lose the report
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
                            f"layer {name!r}: measuring h_k failed ({type(err).__name__}: {err})")
@@ -197,8 +213,9 @@ class _MatrixRun:
         if self.lanczos_k:
             try:
                 lam = block_eigenvalues(self.model, self.loss_fn, self.args, self.targets, info,
-                                        min(self.lanczos_k, m * n),
-                                        generator=torch.Generator(G.device).manual_seed(self.seed))
+                                        min(self.lanczos_k, m * n), memory_budget=self.budget,
+                                        generator=torch.Generator(G.device).manual_seed(self.seed),
+                                        tol=None if G.dtype == torch.float64 else 1e-2)
             except Exception as err:  # noqa: BLE001
                 lam_error = (f"layer {name!r}: Lanczos on the Hessian block failed "
                              f"({type(err).__name__}: {err})")
