@@ -109,7 +109,10 @@ def esd(weight: Tensor | np.ndarray, normalization: Normalization | str = "raw")
     """
     norm = _normalization(normalization)
     w = _as_matrix(weight)
-    lam = torch.linalg.svdvals(w) ** 2
+    # the eigenvalues of the smaller Gram matrix (float64) ARE the ESD: a 512 x 4608 conv weight
+    # costs one 512 x 512 eigendecomposition instead of an SVD of the whole matrix
+    a = w if w.shape[0] <= w.shape[1] else w.mT
+    lam = torch.linalg.eigvalsh(a @ a.mT).flip(0).clamp_min(0)
     if norm is Normalization.WW:
         lam = lam / max(w.shape)
     return lam
