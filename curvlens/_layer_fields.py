@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ from curvlens.fit import (
 )
 from curvlens.rank_models import compare_rank_models
 from curvlens.results import LayerReport
+from curvlens.spectra.weight_tails import weight_tail_stats
+from curvlens.trust import EXPONENTS, TrustPolicy, alignment_score, samples_needed, trust_flags
 
 _NAN = float("nan")
 
@@ -201,3 +204,93 @@ def _finish(v: dict, ex: _Explain) -> LayerReport:
     rep.nan_reasons = dict(ex.reasons)
     rep.warnings = ex.warnings()
     return rep
+
+
+def _two_s(v: dict, ex: _Explain, h_sorted: Tensor, fit: dict) -> None:
+    """Both ``s`` over the same ranks ``1..W`` (W: positive ``h_k`` and Lanczos eigenvalues)."""
+    fields = ["s_rayleigh_common", "s_lanczos_common", "s_gap"]
+    lam = torch.tensor(v.get("lambda_top", []), dtype=torch.float64)
+    lam = lam[lam > 0]
+    W = min(int(h_sorted.numel()), int(lam.numel()))
+    v["s_window"] = W
+    if W < 3:
+        ex.nan(fields, f"the common rank window of sorted h_k > 0 and Lanczos eigenvalues > 0 "
+                       f"has {W} < 3 points (run Lanczos with lanczos_k >= 3)")
+        return
+    ranks = torch.arange(1, W + 1, dtype=torch.float64)
+    opts = {**fit, "bootstrap": 0}
+    r = _fit_log_log(ranks, h_sorted[:W], sign=-1.0, what="s_rayleigh on the common window",
+                     **opts)
+    lz = _fit_log_log(ranks, lam[:W], sign=-1.0, what="s_lanczos on the common window", **opts)
+    v["s_rayleigh_common"], v["s_lanczos_common"] = r.exponent, lz.exponent
+    v["s_gap"] = r.exponent - lz.exponent
+
+
+def _alignment_score(v: dict, ex: _Explain, U: Any, V: Any, ritz: Any) -> None:
+    fields = ["alignment_score", "alignment_chance"]
+    if ritz is None or U is None or V is None:
+        ex.nan(fields, "needs the Lanczos eigenvectors (ritz_vectors) and the gradient's "
+                       "singular vectors U, V")
+        return
+    m, n = int(U.shape[0]), int(V.shape[0])
+    K = min(int(U.shape[1]), v["rank"] or int(U.shape[1]))
+    try:
+        v["alignment_score"] = alignment_score(U[:, :K], V[:, :K], ritz)
+    except ValueError as err:
+        raise ValueError(f"layer {v['name']!r}: {err}") from None
+    v["alignment_chance"] = min(1.0, K / (m * n))
+
+
+def _trust(v: dict, ex: _Explain, policy: TrustPolicy, window: int, n_samples: int | None
+           ) -> None:
+    """Trust flags per exponent and the samples the floor would need."""
+    floor = v.get("noise_floor", _NAN)
+    measured = "noise_floor" in v and math.isfinite(floor)
+    fits = {name: (v.get(name, _NAN), v.get(f"{name}_r2", _NAN),
+                   v.get("alpha_n", 0) if name == "alpha" else _n_points(v, name, window))
+            for name in EXPONENTS}
+    v["trust_flags"] = trust_flags(fits, window=window,
+                                   k_above_floor=v.get("k_kept") if measured else None,
+                                   policy=policy)
+    bad = {k: f for k, f in v["trust_flags"].items() if f}
+    if bad:
+        ex.warn("untrusted: " + "; ".join(f"{k} ({f})" for k, f in bad.items()))
+    if not measured:
+        ex.warn("no noise floor measured: the trust flags cannot check it")
+    v["n_samples"] = int(n_samples or 0)
+    if not measured or not n_samples:
+        ex.nan(["samples_needed"], "needs the noise floor and the number of samples")
+        return
+    v["samples_needed"] = samples_needed(torch.tensor(v["sigma"]), floor, int(n_samples),
+                                         window)
+    if math.isnan(v["samples_needed"]):
+        ex.nan(["samples_needed"], f"sigma_{window} is zero")
+
+
+def _n_points(v: dict, name: str, window: int) -> int:
+    if name == "gamma":
+        return window
+    if name == "s_rayleigh":
+        return len([x for x in v["h"][:window] if x > 0])
+    return len([x for x in v.get("lambda_top", []) if x > 0])
+
+
+def _weight_tail(v: dict, ex: _Explain, weight: Tensor | None, name: str) -> None:
+    """``weight_alpha``: CSN tail exponent of the weight's ESD (see ``spectra.weight_tails``)."""
+    if weight is None:
+        ex.nan(["weight_alpha"], "no weight passed to analyze_layer")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # recorded as the NaN reason instead
+        stats = weight_tail_stats(weight.detach(), name=name or "weight")
+    v["weight_alpha"] = stats.alpha
+    if math.isnan(stats.alpha):
+        ex.nan(["weight_alpha"], "; ".join(stats.warnings) or "weight ESD too short to fit")
+
+
+def _weight_corollary(v: dict, ex: _Explain) -> None:
+    """The main paper's corollary: the weight-tail exponent stays below s."""
+    a, s = v.get("weight_alpha", _NAN), v.get("s_rayleigh", _NAN)
+    if math.isfinite(a) and math.isfinite(s) and not a < s:
+        ex.warn(f"weight_alpha = {a:.3g} >= s = {s:.3g}: the paper's corollary "
+                "weight_alpha < s does not hold for this layer")

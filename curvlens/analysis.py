@@ -6,7 +6,8 @@ top-``K`` window of the gradient's singular values ``sigma_k`` and the exact dir
 ``h_k``:
 
 * ``alpha``: slope of ``log h_k`` on ``log sigma_k`` (k with ``h_k > 0``); also over ``k >= 2``
-  (``h_1`` has high leverage), Theil-Sen, bootstrap CI, and above the half-batch noise floor;
+  (``h_1`` has high leverage), Theil-Sen, a confidence interval, and above the half-batch noise
+  floor;
 * ``gamma``: minus the slope of ``log sigma_k`` on ``log k``;
 * ``s_rayleigh``: minus the slope of ``log h`` (positive, sorted descending) on ``log rank``;
   ``s_lanczos``: the same for the top Hessian-block eigenvalues (independent check);
@@ -22,13 +23,30 @@ rank 9) dominates a log-log fit. ``paper_compatible=True`` keeps every ``k`` of 
 paper did; it reproduces the paper's published per-layer results
 (``tests/data/spectral_alignment``) to 1e-9.
 
+**The two s.** ``s_rayleigh`` is the decay of the curvatures ``h_k`` along the gradient's own
+directions ``u_k v_k^T``, sorted. Since ``h_k ~ sigma_k^alpha`` and ``sigma_k ~ k^-gamma``, it is
+close to ``alpha * gamma`` almost by construction: its transfer error tests the power-law shape
+of the fits more than a property of the network. ``s_lanczos`` is the decay of the top
+eigenvalues of the Hessian block itself, measured without the gradient. The top of the block is
+not spanned by the gradient's rank-one directions in general: it holds roughly the products of
+the two Kronecker factors' spectra, and a sorted product of two power laws decays like the slower
+one, so ``s_lanczos`` is usually smaller. Both are refitted over one common rank window
+(``s_rayleigh_common``, ``s_lanczos_common``, ``s_gap``), and ``alignment_score`` says how much of
+the block's top eigenspace the gradient's directions capture: near 1, the two ``s`` describe the
+same directions and should agree; near chance (``K / (m n)``), a large gap only says that the
+gradient explores directions other than the sharpest ones, and ``alpha * gamma`` predicts the
+Rayleigh ``s``, not the block's spectrum.
+
+**Intervals and trust.** Every exponent has a confidence interval (:mod:`curvlens.fit`) and trust
+flags (:mod:`curvlens.trust`): resting on singular values below the half-batch noise floor, on
+too few points, or on a poor fit.
+
 Every undefined quantity is NaN with its reason in ``LayerReport.nan_reasons`` and ``warnings``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +55,7 @@ from torch import Tensor
 
 from curvlens._layer_fields import (
     _alignment,
+    _alignment_score,
     _eps_of,
     _Explain,
     _finish,
@@ -45,14 +64,18 @@ from curvlens._layer_fields import (
     _noise_floor,
     _rank_models,
     _transfer_error,
+    _trust,
+    _two_s,
     _vector,
+    _weight_corollary,
+    _weight_tail,
     _zero_gradient,
     _zeta,
 )
 from curvlens.alignment import log_slope
-from curvlens.fit import _fit_log_log, _participation
+from curvlens.fit import Interval, _fit_log_log, _participation, _rank_cut
 from curvlens.results import LayerReport, Report
-from curvlens.spectra.weight_tails import weight_tail_stats
+from curvlens.trust import TrustPolicy
 
 __all__ = ["LayerReport", "Report", "analyze_layer"]
 
@@ -79,6 +102,11 @@ def analyze_layer(
     bootstrap: int = 2000,
     seed: int = 0,
     notes: Sequence[str] = (),
+    n_samples: int | None = None,
+    ritz_vectors: Tensor | None = None,
+    interval: Interval | str = Interval.STUDENTIZED,
+    level: float = 0.95,
+    trust: TrustPolicy | None = None,
 ) -> LayerReport:
     """All of the paper's per-layer quantities from one layer's measurements.
 
@@ -99,8 +127,14 @@ def analyze_layer(
         window: use only the first ``window`` entries (default: all ``K``).
         paper_compatible: keep numerically zero singular values in the window (module docstring).
         rank_tol: relative tolerance of the numerical rank (default ``max(m, n) * eps``).
-        bootstrap: bootstrap resamples of every CI (0 disables CIs); seed: their seed.
+        bootstrap: resamples of every CI when ``interval="bootstrap"``; seed: their seed.
         notes: measurement notes to carry into the report.
+        n_samples: samples in the fixed data (gives ``samples_needed``).
+        ritz_vectors: [r, m, n] top eigenvectors of ``H_WW`` (``block_eigenvalues(...,
+            return_vectors=True)``); with ``U``, ``V`` they give ``alignment_score``.
+        interval: ``"studentized"`` (default) or ``"bootstrap"``; level: confidence level of
+            every ``*_ci`` (see :mod:`curvlens.fit`).
+        trust: thresholds of the trust flags (default :class:`~curvlens.trust.TrustPolicy`).
 
     Returns:
         A :class:`LayerReport`; NaN fields are explained in ``nan_reasons`` and ``warnings``.
@@ -153,8 +187,7 @@ def analyze_layer(
         v["rank"] = 0
         _zero_gradient(v, ex)
         return _finish(v, ex)
-    tol = rank_tol if rank_tol is not None else max(shape or (K,)) * _eps_of(sigma)
-    rank = int((sig > tol * sig[0]).sum())
+    tol, rank = _rank_cut(sig, max(shape or (K,)), _eps_of(sigma), rank_tol)
     v["rank"] = rank
     keep = torch.ones(K, dtype=torch.bool) if paper_compatible else torch.arange(K) < rank
     if rank < K:
@@ -164,7 +197,7 @@ def analyze_layer(
     ks = torch.arange(1, K + 1)
     pos = keep & (hh > 0) & (sig > 0)
     sk, hk = sig[keep], hh[keep]
-    fit = dict(bootstrap=bootstrap, seed=seed)
+    fit = dict(bootstrap=bootstrap, seed=seed, interval=interval, level=level)
 
     alpha = _fit_log_log(sk, hk, sign=1.0, what="alpha fit", **fit)
     _fit_fields(v, ex, "alpha", alpha)
@@ -200,29 +233,13 @@ def analyze_layer(
     v["zeta_bound"] = _zeta(s_r.exponent, "zeta_bound", "s_rayleigh", ex)
 
     _lanczos(v, ex, lambda_top, fit, name)
+    _two_s(v, ex, h_sorted, fit)
+    _alignment_score(v, ex, U, V, ritz_vectors)
     _noise_floor(v, ex, noise_norm, sig, hh, keep, name)
+    _trust(v, ex, trust or TrustPolicy(), int(keep.sum()), n_samples)
     _rank_models(v, ex, sk)
     _alignment(v, ex, sig, hh, keep, C_A, C_delta, U, V)
     _weight_corollary(v, ex)
     return _finish(v, ex)
 
 
-def _weight_tail(v: dict, ex: _Explain, weight: Tensor | None, name: str) -> None:
-    """``weight_alpha``: CSN tail exponent of the weight's ESD (see ``spectra.weight_tails``)."""
-    if weight is None:
-        ex.nan(["weight_alpha"], "no weight passed to analyze_layer")
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # recorded as the NaN reason instead
-        stats = weight_tail_stats(weight.detach(), name=name or "weight")
-    v["weight_alpha"] = stats.alpha
-    if math.isnan(stats.alpha):
-        ex.nan(["weight_alpha"], "; ".join(stats.warnings) or "weight ESD too short to fit")
-
-
-def _weight_corollary(v: dict, ex: _Explain) -> None:
-    """The main paper's corollary: the weight-tail exponent stays below s."""
-    a, s = v.get("weight_alpha", _NAN), v.get("s_rayleigh", _NAN)
-    if math.isfinite(a) and math.isfinite(s) and not a < s:
-        ex.warn(f"weight_alpha = {a:.3g} >= s = {s:.3g}: the paper's corollary "
-                "weight_alpha < s does not hold for this layer")

@@ -62,7 +62,7 @@ from curvlens._losses import loss_reduction as loss_reduction_of
 from curvlens._modes import measurement_mode
 from curvlens._options import parse_option, positive_int
 from curvlens._recorder import NoCapture, StepRecorder
-from curvlens.fit import ols_slope
+from curvlens.fit import _rank_cut, ols_slope
 from curvlens.hooks import Capture
 from curvlens.kronecker import FactorMode, KroneckerFactors
 from curvlens.layers import LayerInfo, OnUnsupported, find_layers
@@ -308,12 +308,27 @@ class CurvatureLens:
     def gamma_trace(self) -> dict[str, list[tuple[int, float]]]:
         """``{layer: [(step, gamma), ...]}``: the rank-decay exponent of each recorded spectrum.
 
-        ``gamma = -slope`` of ``log sigma_k`` on ``log k`` over the positive ``sigma_k``; NaN
-        where fewer than three are positive.
+        ``gamma = -slope`` of ``log sigma_k`` on ``log k`` over the same window as
+        :meth:`analyze`: the ``sigma_k`` above the numerical rank cut
+        ``max(m, n) * eps * sigma_1`` (``eps`` of the gradient's dtype), so round-off singular
+        values (a 10-class head's gradient has rank 9) do not bend the fit. NaN where fewer than
+        three remain.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(6, 4))
+            >>> lens = CurvatureLens(net, nn.MSELoss(), top_k=4, kronecker="none")
+            >>> with lens:
+            ...     nn.MSELoss()(net(torch.randn(8, 6)), torch.randn(8, 4)).backward()
+            ...     lens.step()
+            >>> [step for step, _ in lens.gamma_trace()["0"]]
+            [0]
         """
         out: dict[str, list[tuple[int, float]]] = {}
         for name, records in self.gradient_spectra.items():
-            out[name] = [(step, _rank_slope(S)) for step, S in records]
+            size = max(self.layers[name].matrix_shape)
+            out[name] = [(step, _rank_slope(S, size)) for step, S in records]
         return out
 
     # ----------------------------------------------------------------- full analysis
@@ -411,10 +426,11 @@ class CurvatureLens:
         )
 
 
-def _rank_slope(S: Tensor) -> float:
-    """``gamma`` of one recorded spectrum: minus the OLS slope of log sigma_k on log k."""
+def _rank_slope(S: Tensor, size: int) -> float:
+    """``gamma`` of one recorded spectrum over the numerical-rank window of :meth:`analyze`."""
     s = S.detach().to(torch.float64).cpu()
-    s = s[s > 0]
+    _, rank = _rank_cut(s, size, torch.finfo(S.dtype).eps)
+    s = s[:rank]
     if s.numel() < 3:
         return math.nan
     return -ols_slope(torch.arange(1, s.numel() + 1, dtype=torch.float64).log(), s.log())

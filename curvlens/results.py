@@ -76,10 +76,20 @@ class LayerReport:
         sigma: [K] gradient singular values; h: [K] directional curvatures (``h_k <= 0`` kept);
             h_kron: [K] Kronecker-model curvatures; lambda_top: top Hessian-block eigenvalues.
         alpha, alpha_r2, alpha_ci, alpha_theil_sen, alpha_n: curvature exponent fit (``n``
-            points); alpha_k2: over ``k >= 2``.
+            points); alpha_k2: over ``k >= 2``. Every ``*_ci`` is a confidence interval at the
+            level in ``Report.meta["ci_level"]`` (method in ``meta["interval"]``, see
+            :mod:`curvlens.fit`).
         gamma, gamma_r2, gamma_ci, gamma_theil_sen: gradient rank-decay exponent.
-        s_rayleigh, s_rayleigh_r2, s_rayleigh_ci: decay exponent of sorted ``h``;
-            s_lanczos, s_lanczos_r2, s_lanczos_ci: of the Lanczos eigenvalues.
+        s_rayleigh, s_rayleigh_r2, s_rayleigh_ci: decay exponent of sorted ``h`` (curvature
+            along the gradient's own directions; close to ``alpha * gamma`` almost by
+            construction); s_lanczos, s_lanczos_r2, s_lanczos_ci: of the top eigenvalues of the
+            Hessian block (its own spectrum, an independent measurement).
+        s_window, s_rayleigh_common, s_lanczos_common, s_gap: both ``s`` refitted over the same
+            ranks ``1..s_window`` and their difference (Rayleigh minus Lanczos); a large gap
+            means the block's top eigenvectors are not the gradient's directions.
+        alignment_score: share of the top Lanczos eigenspace captured by the directions
+            ``u_k v_k^T`` (1: fully; see :func:`curvlens.trust.alignment_score`);
+            alignment_chance: the score of random directions, ``K / (m n)``.
         predicted_s: ``alpha * gamma``; transfer_error_rayleigh / _lanczos: ``|s - alpha gamma|/s``.
         psi_slope: ``b(h / sigma^2)``, equal to ``alpha - 2``.
         b_chi, b_rho_delta, b_rho_A, b_lambda_delta, b_lambda_A: the alpha budget (sums to alpha);
@@ -90,6 +100,11 @@ class LayerReport:
         bic_best: rank-profile model of ``sigma`` with the lowest BIC; bic, aic: all three scores.
         noise_norm: ``||(G1 - G2) / 2||_2`` of two half-batch gradients; noise_floor: twice it;
             k_kept: number of ``sigma_k`` above the floor; alpha_above_floor: alpha over those.
+        n_samples: samples in the fixed data; samples_needed: samples for all ``K`` singular
+            values to clear the floor (it falls as ``1/sqrt(N)``; a lower bound).
+        trust_flags: ``{exponent: codes}`` for alpha, gamma, s_rayleigh, s_lanczos; ``""`` when
+            the fit can be trusted, else comma-separated ``undefined``, ``noise_floor``,
+            ``few_points``, ``poor_fit`` (:mod:`curvlens.trust`).
         n_negative_h: number of ``h_k <= 0``; n_negative_lambda: of Lanczos eigenvalues ``<= 0``.
         weight_alpha: heavy-tail exponent of the weight spectrum (filled by ``curvlens.spectra``).
         notes: how it was measured; nan_reasons: ``{field: why it is NaN}``; warnings: every
@@ -149,12 +164,30 @@ class LayerReport:
     noise_floor: float = _NAN
     k_kept: int = 0
     alpha_above_floor: float = _NAN
+    n_samples: int = 0
+    samples_needed: float = _NAN
+    s_window: int = 0
+    s_rayleigh_common: float = _NAN
+    s_lanczos_common: float = _NAN
+    s_gap: float = _NAN
+    alignment_score: float = _NAN
+    alignment_chance: float = _NAN
+    trust_flags: dict[str, str] = field(default_factory=dict)
     n_negative_h: int = 0
     n_negative_lambda: int = 0
     weight_alpha: float = _NAN
     notes: list[str] = field(default_factory=list)
     nan_reasons: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    def trusted(self, exponent: str) -> bool:
+        """Whether ``exponent`` (alpha, gamma, s_rayleigh, s_lanczos) is defined and unflagged.
+
+        Reports without flags (older files) count a finite value as trusted.
+        """
+        if exponent not in self.trust_flags:
+            return math.isfinite(getattr(self, exponent))
+        return self.trust_flags[exponent] == ""
 
     @property
     def chi_slope(self) -> float:
