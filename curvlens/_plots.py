@@ -100,17 +100,21 @@ def _transfer(report: Report, Figure: Any, Canvas: Any, path: Path) -> Path:
     fig = Figure(figsize=(5.2, 4.8), layout="constrained")
     ax = fig.subplots()
     values = []
+    left_out = 0
     for name, rep in report.layers.items():
         p = rep.predicted_s
-        if not math.isfinite(p):
+        if not (rep.trusted("alpha") and rep.trusted("gamma")):
+            left_out += math.isfinite(p)
             continue
         c = _color(rep.kind)
-        if math.isfinite(rep.s_rayleigh):
+        if math.isfinite(rep.s_rayleigh) and rep.trusted("s_rayleigh"):
             ax.plot(p, rep.s_rayleigh, "o", color=c)
             ax.annotate(name, (p, rep.s_rayleigh), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
             values += [p, rep.s_rayleigh]
-        if math.isfinite(rep.s_lanczos):
+        else:
+            left_out += 1
+        if math.isfinite(rep.s_lanczos) and rep.trusted("s_lanczos"):
             ax.plot(p, rep.s_lanczos, "s", mfc="none", color=c)
             values += [rep.s_lanczos]
     if values:
@@ -124,7 +128,8 @@ def _transfer(report: Report, Figure: Any, Canvas: Any, path: Path) -> Path:
     ax.plot([], [], "s", mfc="none", color="0.3", label="s (Lanczos eigenvalues)")
     ax.set_xlabel("predicted s = alpha * gamma")
     ax.set_ylabel("measured s")
-    ax.set_title("transfer identity" + _epoch_label(report))
+    ax.set_title("transfer identity" + _epoch_label(report)
+                 + (f"\n({left_out} untrusted layers left out)" if left_out else ""))
     ax.legend(fontsize=7)
     return _save(fig, Canvas, path)
 
@@ -138,12 +143,19 @@ def _alpha_by_layer(report: Report, Figure: Any, Canvas: Any, path: Path) -> Pat
     alpha = np.array([r.alpha for r in reps], float)
     lo = np.array([r.alpha_ci[0] for r in reps], float)
     hi = np.array([r.alpha_ci[1] for r in reps], float)
-    ax.bar(x, np.nan_to_num(alpha), color=[_color(r.kind) for r in reps])
+    ok = np.array([r.trusted("alpha") for r in reps], bool)
+    ax.bar(x, np.nan_to_num(alpha), color=[_color(r.kind) if t else "0.85"
+                                            for r, t in zip(reps, ok)],
+           hatch=[None if t else "//" for t in ok])
     has_ci = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(alpha)
+    level = 100 * float(report.meta.get("ci_level", 0.95))
     if has_ci.any():
         err = np.vstack([alpha - lo, hi - alpha])[:, has_ci].clip(min=0)
         ax.errorbar(x[has_ci], alpha[has_ci], yerr=err, fmt="none", ecolor="k", capsize=3,
-                    label="95% bootstrap CI")
+                    label=f"{level:.0f}% interval")
+    if not ok.all():
+        ax.bar([], [], color="0.85", hatch="//", label=f"untrusted ({int((~ok).sum())})")
+    if has_ci.any() or not ok.all():
         ax.legend(fontsize=7)
     ax.axhline(2.0, color="0.5", lw=0.8, ls=":")
     ax.set_xticks(x, names, rotation=45 if len(names) > 5 else 0, ha="right", fontsize=7)

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from curvlens import _tasks as T
+from curvlens._table import _num, _pct
 from curvlens.lens import CurvatureLens
-from curvlens.report import _num, _pct, save_reports
+from curvlens.report import save_reports
 
 __all__ = ["TASKS", "run_reproduce", "reproduce_table"]
 

@@ -2,10 +2,11 @@ r"""Rendering a :class:`~curvlens.results.Report`: the per-layer table, JSON, CS
 
 The table shows, per layer, the quantities of the transfer identity ``s = alpha * gamma`` of
 "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact Decomposition of the Curvature
-Exponent" (Calvo, 2026, arXiv:2606.02596): the curvature exponent
-``alpha``, the gradient rank-decay exponent ``gamma``, the measured curvature decay ``s`` (from
-the sorted ``h_k``), the prediction ``alpha * gamma`` and its relative error, the participation
-ratio, the zeta bound and the BIC rank-profile winner, with a summary line per layer type.
+Exponent" (Calvo, 2026, arXiv:2606.02596): the curvature exponent ``alpha``, the gradient
+rank-decay exponent ``gamma`` and the measured curvature decay ``s`` (from the sorted ``h_k``),
+each with the half-width of its confidence interval and a ``!`` when its trust flags are set,
+the prediction ``alpha * gamma`` and its relative error, the Lanczos ``s`` and the BIC
+rank-profile winner, with summary lines per layer type over the trusted layers only.
 
 JSON and CSV files are written atomically (a temporary file in the same directory, then
 ``os.replace``, with the permissions a plain write would give, symbolic links followed) and read
@@ -18,23 +19,30 @@ Example:
     >>> rep = Report(layers={"fc": LayerReport(name="fc", kind="linear", shape=(4, 3),
     ...                                        alpha=2.0, gamma=1.0, s_rayleigh=2.1)})
     >>> print(table(rep).splitlines()[2])  # doctest: +NORMALIZE_WHITESPACE
-    fc  linear  4x3  2.00  1.00  2.10  -  -  -  -  -  0
+    fc  lin  4x3  2.00  1.00  2.10  -  -  -  -
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from curvlens._csv import write_csv
 from curvlens._io import atomic_write_text
 from curvlens._plots import write_plots
-from curvlens.results import RUN_FORMAT, RUN_VERSION, LayerReport, Report, read_reports
+from curvlens._table import (
+    median_interval,
+    median_transfer_error,
+    summary_lines,
+    table,
+)
+from curvlens.results import RUN_FORMAT, RUN_VERSION, Report, read_reports
+
+#: Alias kept for readability at call sites (``print(render_table(report))``).
+render_table = table
 
 __all__ = [
     "table",
@@ -47,157 +55,10 @@ __all__ = [
     "to_csv",
     "plot",
     "median_transfer_error",
+    "median_interval",
 ]
 
-_BIC_SHORT = {"power_law": "pow", "exponential": "exp", "lognormal": "logn", "": "-"}
-
-# (header, width, getter) of the table columns after the layer name.
-_COLUMNS: list[tuple[str, int]] = [
-    ("kind", 6), ("shape", 8), ("alpha", 5), ("gamma", 5), ("s", 5), ("a*g", 5), ("err", 5),
-    ("PR", 5), ("zeta", 5), ("BIC", 4), ("w", 2),
-]
-
-
-# --------------------------------------------------------------------------- table
-
-
-def _num(x: float, width: int = 5) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    text = f"{x:.2f}"
-    if len(text) > width:
-        text = f"{x:.1f}" if abs(x) < 10 ** (width - 2) else f"{x:.0e}"
-    return text
-
-
-def _pct(x: float) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    return f"{100 * x:.1f}%" if x < 0.995 else f"{100 * x:.0f}%"
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in shape) if shape else "-"
-
-
-def _cells(rep: LayerReport) -> list[str]:
-    return [
-        rep.kind or "-",
-        _shape(rep.shape),
-        _num(rep.alpha),
-        _num(rep.gamma),
-        _num(rep.s_rayleigh),
-        _num(rep.predicted_s),
-        _pct(rep.transfer_error_rayleigh),
-        _num(rep.pr_h),
-        _num(rep.zeta_bound),
-        _BIC_SHORT.get(rep.bic_best, rep.bic_best[:4]),
-        str(len(rep.warnings)),
-    ]
-
-
-def _fit_name(name: str, width: int) -> str:
-    return name if len(name) <= width else "~" + name[-(width - 1):]
-
-
-def _finite(values: Iterable[float]) -> list[float]:
-    return [v for v in values if v is not None and math.isfinite(v)]
-
-
-def median_transfer_error(report: Report, which: str = "rayleigh") -> float:
-    """Median of ``|s - alpha gamma| / s`` over the layers where it is defined (NaN if none).
-
-    Args:
-        report: the report.
-        which: ``"rayleigh"`` (``s`` from the sorted ``h_k``) or ``"lanczos"``.
-    """
-    if which not in ("rayleigh", "lanczos"):
-        raise ValueError(f"which must be 'rayleigh' or 'lanczos', got {which!r}")
-    errors = _finite(getattr(r, f"transfer_error_{which}") for r in report.layers.values())
-    return statistics.median(errors) if errors else math.nan
-
-
-def summary_lines(report: Report) -> list[str]:
-    """One line per layer type (median alpha, gamma, s, error) and one over all layers."""
-    lines = []
-    kinds: dict[str, list[LayerReport]] = {}
-    for rep in report.layers.values():
-        kinds.setdefault(rep.kind or "?", []).append(rep)
-    for kind, reps in kinds.items():
-        parts = [f"{kind:<9} n={len(reps):<3}"]
-        for label, attr in (("alpha", "alpha"), ("gamma", "gamma"), ("s", "s_rayleigh")):
-            vals = _finite(getattr(r, attr) for r in reps)
-            parts.append(f"{label} {_num(statistics.median(vals)) if vals else '-'}")
-        errs = _finite(r.transfer_error_rayleigh for r in reps)
-        parts.append(f"err {_pct(statistics.median(errs)) if errs else '-'}")
-        lams = _finite(r.s_lanczos for r in reps)
-        if lams:
-            parts.append(f"s_lanczos {_num(statistics.median(lams))}")
-        lines.append("  ".join(parts))
-    n = len(_finite(r.transfer_error_rayleigh for r in report.layers.values()))
-    med = median_transfer_error(report)
-    line = f"median transfer error over {n} layers: {_pct(med)}"
-    lan = median_transfer_error(report, "lanczos")
-    if math.isfinite(lan):
-        line += f" (Rayleigh s); {_pct(lan)} (Lanczos s)"
-    lines.append(line)
-    return lines
-
-
-def table(report: Report, *, width: int = 80, summary: bool = True) -> str:
-    """The per-layer table of a report, readable in a ``width``-column terminal.
-
-    Columns: layer, kind, matrix shape, ``alpha``, ``gamma``, ``s`` (Rayleigh), ``a*g``
-    (``alpha * gamma``), ``err`` (``|s - alpha gamma| / s``), ``PR`` (participation ratio of the
-    positive ``h_k``), ``zeta`` (``zeta(s)^2 / zeta(2s)``, the PR bound of a pure power law),
-    ``BIC`` (rank-profile winner: pow / exp / logn), ``w`` (number of warnings). ``-`` marks an
-    undefined value (the layer's ``warnings`` say why).
-
-    Args:
-        report: the report to render.
-        width: target line width (the layer-name column absorbs the difference; >= 72).
-        summary: append the per-layer-type summary lines.
-
-    Returns:
-        The table as one string (no trailing newline).
-    """
-    fixed = sum(w + 1 for _, w in _COLUMNS)
-    name_w = max(6, min(max((len(n) for n in report.layers), default=5), width - fixed))
-    header = f"{'layer':<{name_w}}" + "".join(
-        f" {h:<{w}}" if h in ("kind", "BIC") else f" {h:>{w}}" for h, w in _COLUMNS
-    )
-    lines = [_title(report, max(width, len(header))), header]
-    for name, rep in report.layers.items():
-        cells = _cells(rep)
-        row = f"{_fit_name(name, name_w):<{name_w}}"
-        for (h, w), cell in zip(_COLUMNS, cells):
-            row += f" {cell:<{w}}" if h in ("kind", "BIC") else f" {cell:>{w}}"
-        lines.append(row.rstrip())
-    if summary and report.layers:
-        lines.append("-" * len(header))
-        lines.extend(summary_lines(report))
-    return "\n".join(lines)
-
-
-#: Alias kept for readability at call sites (``print(render_table(report))``).
-render_table = table
-
-
-def _title(report: Report, width: int) -> str:
-    parts = []
-    if report.epoch is not None:
-        parts.append(f"epoch {report.epoch}")
-    if report.step is not None:
-        parts.append(f"step {report.step}")
-    meta = report.meta
-    if "batch_size" in meta:
-        parts.append(f"batch {meta['batch_size']}")
-    if "top_k" in meta:
-        parts.append(f"K={meta['top_k']}")
-    if meta.get("kronecker_backend") not in (None, "None"):
-        parts.append(f"kron {meta.get('kronecker_mode', '?')}/{meta['kronecker_backend']}")
-    title = "curvlens report" + (" | " + ", ".join(parts) if parts else "")
-    return title[:width]
+_RUN_FORMAT = "curvlens.run"
 
 
 # --------------------------------------------------------------------------- JSON

@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,11 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
+def _half(ci):
+    h = (ci[1] - ci[0]) / 2
+    return f"±.{round(100 * h):02d}" if h < 0.995 else f"±{h:.1f}"
+
+
 def test_table_rows_carry_the_report_values():
     rep = _report()
     text = R.table(rep)
@@ -60,31 +66,75 @@ def test_table_rows_carry_the_report_values():
     assert lines[0].startswith("curvlens report | epoch 3, step 120")
     row = next(line for line in lines if line.startswith("features.0 "))
     lr = rep.layers["features.0"]
+    assert lr.trust_flags == {"alpha": "", "gamma": "", "s_rayleigh": "", "s_lanczos": ""}
     cells = row.split()
     assert cells[1:3] == ["conv", "16x15"]
-    assert cells[3:7] == [f"{lr.alpha:.2f}", f"{lr.gamma:.2f}", f"{lr.s_rayleigh:.2f}",
-                          f"{lr.alpha * lr.gamma:.2f}"]
+    assert cells[3:6] == [f"{lr.alpha:.2f}{_half(lr.alpha_ci)}", f"{lr.gamma:.2f}"
+                          f"{_half(lr.gamma_ci)}", f"{lr.s_rayleigh:.2f}{_half(lr.s_rayleigh_ci)}"]
+    assert cells[6] == f"{lr.alpha * lr.gamma:.2f}"
     assert cells[7] == f"{100 * lr.transfer_error_rayleigh:.1f}%"
-    assert cells[8:10] == [f"{lr.pr_h:.2f}", f"{lr.zeta_bound:.2f}"]
-    assert cells[-1] == str(len(lr.warnings)) and int(cells[-1]) >= 1
+    assert cells[8] == f"{lr.s_lanczos:.2f}"
+    assert cells[9] == "pow"
     assert any(line.startswith("~") for line in lines)  # the long name is shortened
+
+
+def test_table_marks_untrusted_exponents_and_summary_leaves_them_out():
+    rep = _report()
+    bad = rep.layers["features.3"]
+    bad.trust_flags = {**bad.trust_flags, "alpha": "noise_floor,poor_fit"}
+    lines = R.table(rep).splitlines()
+    row = next(line for line in lines if line.startswith("features.3 ")).split()
+    assert row[3].endswith("!") and not row[4].endswith("!")
+    good = next(line for line in lines if line.startswith("features.0 ")).split()
+    assert not any(c.endswith("!") for c in good)
+    assert any(line.startswith("untrusted: alpha 1 (noise_floor 1, poor_fit 1)")
+               for line in lines)
+    conv = next(x for x in R.summary_lines(rep) if x.startswith("conv"))
+    assert "1 of 2 trusted; 1 left out (noise_floor 1, poor_fit 1)" in conv
+    medians = R.summary_lines(rep)[R.summary_lines(rep).index(conv) + 1]
+    assert medians.startswith(f"  alpha {rep.layers['features.0'].alpha:.2f} ")
+    kept = [r.transfer_error_rayleigh for n, r in rep.layers.items() if n != "features.3"]
+    assert R.median_transfer_error(rep) == pytest.approx(statistics.median(kept), rel=1e-15)
+    everything = [r.transfer_error_rayleigh for r in rep.layers.values()]
+    assert R.median_transfer_error(rep, trusted_only=False) == pytest.approx(
+        statistics.median(everything), rel=1e-15)
+    last = next(x for x in R.summary_lines(rep) if x.startswith("median transfer error"))
+    assert "over 3 trusted layers" in last
+    assert "1 left out (noise_floor 1, poor_fit 1) of the medians" in R.summary_lines(rep)[-1]
 
 
 def test_table_summary_per_kind_and_median_error():
     rep = _report()
     conv = [r for r in rep.layers.values() if r.kind == "conv"]
-    line = next(x for x in R.summary_lines(rep) if x.startswith("conv"))
-    assert "n=2" in line
-    assert f"alpha {statistics.median(r.alpha for r in conv):.2f}" in line
+    lines = R.summary_lines(rep)
+    i = next(i for i, x in enumerate(lines) if x.startswith("conv"))
+    assert "2 of 2 trusted" in lines[i]
+    assert f"alpha {statistics.median(r.alpha for r in conv):.2f}" in lines[i + 1]
     errors = [r.transfer_error_rayleigh for r in rep.layers.values()]
     assert R.median_transfer_error(rep) == pytest.approx(statistics.median(errors), rel=1e-15)
-    assert f"{100 * statistics.median(errors):.1f}%" in R.summary_lines(rep)[-1]
+    assert f"{100 * statistics.median(errors):.1f}%" in lines[-1] or any(
+        f"{100 * statistics.median(errors):.1f}%" in x for x in lines)
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for n in (6, 10, 25, 93):
+        xs = rng.normal(size=n)
+        lo, hi = R.median_interval(xs.tolist())
+        j = int(stats.binom.ppf(0.025, n, 0.5))  # largest j with P(Bin < j) <= 2.5%
+        while stats.binom.cdf(j, n, 0.5) <= 0.025:
+            j += 1
+        assert (lo, hi) == (sorted(xs)[j - 1], sorted(xs)[n - j])
+        assert stats.binom.cdf(j - 1, n, 0.5) <= 0.025 < stats.binom.cdf(j, n, 0.5)
+    assert all(math.isnan(v) for v in R.median_interval([1.0, 2.0, 3.0]))
 
 
 def test_table_marks_undefined_values():
     rep = Report(layers={"fc": LayerReport(name="fc", kind="linear", shape=(3, 2))})
     row = R.table(rep, summary=False).splitlines()[2].split()
-    assert row[:3] == ["fc", "linear", "3x2"] and row[3:10] == ["-"] * 7
+    assert row[:3] == ["fc", "lin", "3x2"] and row[3:9] == ["-"] * 6
 
 
 def test_json_round_trip_is_lossless(tmp_path):
