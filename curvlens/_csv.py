@@ -37,6 +37,7 @@ def _csv_rows(report: Report) -> list[dict[str, Any]]:
         }
         row.update({k: repr(v) if isinstance(v, float) else v
                     for k, v in rep.scalar_fields().items()})
+        row.update({f"trust_{k}": flags for k, flags in rep.trust_flags.items()})
         rows.append(row)
     return rows
 

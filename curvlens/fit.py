@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -224,21 +225,32 @@ def student_t_quantile(p: float, df: float) -> float:
     if p < 0.5:
         return -student_t_quantile(1.0 - p, df)
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    weights = np.ones(2001)
+    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
 
     def cdf(t: float) -> float:  # P(T <= t), t >= 0; x = sqrt(df) tan(u) makes it smooth
-        u = torch.linspace(0.0, math.atan(t / math.sqrt(df)), 2001, dtype=torch.float64)
-        f = math.exp(log_c) * math.sqrt(df) * torch.cos(u) ** (df - 1)
-        w = torch.ones(2001, dtype=torch.float64)
-        w[1:-1:2], w[2:-1:2] = 4.0, 2.0
-        return 0.5 + float((w * f).sum()) * float(u[-1]) / 2000 / 3
+        top = math.atan(t / math.sqrt(df))
+        f = np.cos(np.linspace(0.0, top, 2001)) ** (df - 1)
+        return 0.5 + math.exp(log_c) * math.sqrt(df) * float(weights @ f) * top / 6000
 
+    def pdf(t: float) -> float:
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+    # Safeguarded Newton: keep a bracket [lo, hi] and bisect whenever a step leaves it.
     lo, hi = 0.0, 1.0
     while cdf(hi) < p:
         lo, hi = hi, 2.0 * hi
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return 0.5 * (lo + hi)
+    t = 0.5 * (lo + hi)
+    for _ in range(100):
+        err = cdf(t) - p
+        if abs(err) < 1e-15:
+            break
+        lo, hi = (t, hi) if err < 0 else (lo, t)
+        step = t - err / pdf(t)
+        t = step if lo < step < hi else 0.5 * (lo + hi)
+        if hi - lo < 1e-13 * max(1.0, t):
+            break
+    return t
 
 
 def _studentized_interval(lx: Tensor, ly: Tensor, slope: float, level: float
