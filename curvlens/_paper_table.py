@@ -93,9 +93,20 @@ def summary_numbers(results: dict[str, Report]) -> dict[str, Any]:
             entry[name] = (statistics.median(vals) if vals else math.nan,
                            *median_interval(vals))
         out["roles"][role] = entry
+    for role, entry in out["roles"].items():
+        every = [rep for _, _, r, rep in rows if r == role]
+        for name in ("alpha", "transfer_error_rayleigh"):
+            vals = _finite(getattr(rep, name) for rep in every)
+            entry[f"{name}_all"] = (statistics.median(vals) if vals else math.nan,
+                                    *median_interval(vals))
     errs = _finite(rep.transfer_error_rayleigh for _, rep in kept)
     out["median_transfer_error"] = (statistics.median(errs) if errs else math.nan,
                                     *median_interval(errs))
+    every = _finite(rep.transfer_error_rayleigh for *_, rep in rows)
+    out["median_transfer_error_all"] = (statistics.median(every) if every else math.nan,
+                                        *median_interval(every))
+    need = _finite(rep.samples_needed for *_, rep in rows)
+    out["samples_needed_median"] = statistics.median(need) if need else math.nan
     lan = _finite(rep.transfer_error_lanczos for *_, rep in rows if _usable(rep, "lanczos"))
     out["median_transfer_error_lanczos"] = (statistics.median(lan) if lan else math.nan,
                                             *median_interval(lan))
@@ -125,14 +136,22 @@ def paper_table(results: dict[str, Report]) -> str:
                  + f"; {nums['half_k_above_floor']} with >= K/2 singular values above the "
                  "noise floor")
     lines.append("")
-    lines.append(f"{'role':<10} {'trusted':>9}  {'alpha: median [95% CI]':<24} "
-                 f"{'transfer error':<22} paper")
+    lines.append("alpha and transfer error per role: median [95% interval] over the trusted "
+                 "layers, then over all layers (untrusted included, for comparison only)")
+    lines.append(f"{'role':<10} {'trusted':>9}  {'alpha, trusted':<20} {'err, trusted':<21} "
+                 f"{'alpha, all':<20} {'err, all':<21} paper")
     for role, e in nums["roles"].items():
-        reps = [rep for _, _, r, rep in rows if r == role and _usable(rep, "rayleigh")]
-        alpha = _median_ci(_finite(rep.alpha for rep in reps))
-        err = _median_ci(_finite(rep.transfer_error_rayleigh for rep in reps), pct=True)
-        lines.append(f"{role:<10} {e['trusted']:>4} of {e['n']:<3} {alpha:<24} {err:<22} "
-                     f"{e['paper']}")
+        every = [rep for _, _, r, rep in rows if r == role]
+        cells = []
+        for reps in ([rep for rep in every if _usable(rep, "rayleigh")], every):
+            cells.append(_median_ci(_finite(rep.alpha for rep in reps)))
+            cells.append(_median_ci(_finite(rep.transfer_error_rayleigh for rep in reps),
+                                    pct=True))
+        lines.append(f"{role:<10} {e['trusted']:>4} of {e['n']:<3} {cells[0]:<20} {cells[1]:<21} "
+                     f"{cells[2]:<20} {cells[3]:<21} {e['paper']}")
+    every = _finite(rep.transfer_error_rayleigh for *_, rep in rows)
+    lines.append(f"median transfer error over all {len(every)} layers (untrusted included): "
+                 f"{_median_ci(every, pct=True)}")
     errs = _finite(rep.transfer_error_rayleigh for *_, rep in rows if _usable(rep, "rayleigh"))
     lan = _finite(rep.transfer_error_lanczos for *_, rep in rows if _usable(rep, "lanczos"))
     lines.append(f"median transfer error |s - alpha*gamma|/s, Rayleigh s, {len(errs)} trusted "
@@ -180,8 +199,10 @@ def paper_figure(results: dict[str, Report], path: Path) -> Path:
     ax1.set_title("alpha by layer role (red: published; x: untrusted)", fontsize=9)
     vals = []
     for *_, rep in rows:
-        if _usable(rep, "rayleigh") and math.isfinite(rep.predicted_s):
-            ax2.plot(rep.predicted_s, rep.s_rayleigh, "o", ms=3, color="tab:blue")
+        if math.isfinite(rep.predicted_s) and math.isfinite(rep.s_rayleigh):
+            ok = _usable(rep, "rayleigh")
+            ax2.plot(rep.predicted_s, rep.s_rayleigh, "o" if ok else "x", ms=3,
+                     color="tab:blue" if ok else "0.7")
             vals += [rep.predicted_s, rep.s_rayleigh]
         if _usable(rep, "lanczos") and math.isfinite(rep.predicted_s):
             ax2.plot(rep.predicted_s, rep.s_lanczos, "s", ms=3, mfc="none", color="tab:orange")
@@ -189,10 +210,11 @@ def paper_figure(results: dict[str, Report], path: Path) -> Path:
         lo, hi = min(vals), max(vals)
         ax2.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax2.plot([], [], "o", color="tab:blue", label="Rayleigh s (sorted h_k)")
+    ax2.plot([], [], "x", color="0.7", label="Rayleigh s, untrusted layer")
     ax2.plot([], [], "s", mfc="none", color="tab:orange", label="Lanczos s (block spectrum)")
     ax2.set_xlabel("alpha * gamma")
     ax2.set_ylabel("measured s")
-    ax2.set_title("transfer identity, trusted layers", fontsize=9)
+    ax2.set_title("transfer identity (grey x: untrusted, left out of the medians)", fontsize=9)
     ax2.legend(fontsize=7)
     Canvas(fig)
     fig.savefig(path, dpi=110)
