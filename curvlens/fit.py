@@ -23,9 +23,9 @@ autocorrelation of the residuals (bias-corrected by :math:`(1 + 3\hat\rho)/n`, c
 ``[0, 0.95]``), the variance is inflated by :math:`f = (1 + \rho)/(1 - \rho)` and the degrees of
 freedom use the effective size :math:`n / f`. On synthetic layers with known exponents
 (``K`` = 10, 20, 40; log-normal noise on ``h_k``; sorted noisy profiles) its 90% interval
-covered the true exponent in 84-94% of 200 draws, while the pairs bootstrap percentile interval
+covered the true exponent in 84-96% of 200 draws, while the pairs bootstrap percentile interval
 (``interval="bootstrap"``, resampling ``(x_k, y_k)`` pairs; kept as an option) covered only
-76-89%: with few points the resampled slopes are too concentrated, and resampling pairs ignores
+72-89%: with few points the resampled slopes are too concentrated, and resampling pairs ignores
 the ordering. ``benchmarks/bench_intervals.py`` re-measures both. A bootstrap over the samples of
 the fixed data would also capture the sampling noise of the directions themselves, but needs
 per-sample gradients and ``h_k`` (``B`` times the cost); the half-batch noise floor and the trust
