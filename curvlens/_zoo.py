@@ -137,7 +137,8 @@ class DeepMLP(nn.Module):
         sizes = [dim] + [width] * (depth - 1) + [out]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, dim] or [B, 1, 8, 8] (flattened)
+        x = x.flatten(1)
         for layer in self.layers[:-1]:
             x = torch.tanh(layer(x))
         return self.layers[-1](x)
