@@ -7,6 +7,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from curvlens._paper_table import PAPER, layer_role, paper_table, summary_numbers
 from curvlens._reproduce import FULL_TASKS, run_reproduce
@@ -24,6 +25,11 @@ def test_full_suite_architectures_have_93_matrices():
               Z.ViTDigits(dim=32, depth=4), Z.GPT(90, dim=48, depth=5), Z.DeepMLP(depth=10)]
     counts = [len(find_layers(m, None, on_unsupported="skip")) for m in models]
     assert counts == [4, 6, 16, 27, 33, 10] and sum(counts) >= 93
+    images = torch.zeros(2, 1, 8, 8)
+    for model in models[:4]:
+        assert model(images).shape == (2, 10)
+    assert models[4](torch.zeros(2, 64, dtype=torch.long)).shape == (2, 64, 90)
+    assert models[5](torch.zeros(2, 32)).shape == (2, 8)
 
 
 @pytest.mark.slow
