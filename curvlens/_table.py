@@ -12,8 +12,10 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from curvlens.results import LayerReport, Report
+if TYPE_CHECKING:  # annotations only: results.py reaches this module through report.py
+    from curvlens.results import LayerReport, Report
 
 _BIC_SHORT = {"power_law": "pow", "exponential": "exp", "lognormal": "logn", "": "-"}
 _KIND_SHORT = {"linear": "lin", "embedding": "emb"}

@@ -23,23 +23,8 @@ rank 9) dominates a log-log fit. ``paper_compatible=True`` keeps every ``k`` of 
 paper did; it reproduces the paper's published per-layer results
 (``tests/data/spectral_alignment``) to 1e-9.
 
-**The two s.** ``s_rayleigh`` is the decay of the curvatures ``h_k`` along the gradient's own
-directions ``u_k v_k^T``, sorted. Since ``h_k ~ sigma_k^alpha`` and ``sigma_k ~ k^-gamma``, it is
-close to ``alpha * gamma`` almost by construction: its transfer error tests the power-law shape
-of the fits more than a property of the network. ``s_lanczos`` is the decay of the top
-eigenvalues of the Hessian block itself, measured without the gradient. The top of the block is
-not spanned by the gradient's rank-one directions in general: it holds roughly the products of
-the two Kronecker factors' spectra, and a sorted product of two power laws decays like the slower
-one, so ``s_lanczos`` is usually smaller. Both are refitted over one common rank window
-(``s_rayleigh_common``, ``s_lanczos_common``, ``s_gap``), and ``alignment_score`` says how much of
-the block's top eigenspace the gradient's directions capture: near 1, the two ``s`` describe the
-same directions and should agree; near chance (``K / (m n)``), a large gap only says that the
-gradient explores directions other than the sharpest ones, and ``alpha * gamma`` predicts the
-Rayleigh ``s``, not the block's spectrum.
-
-**Intervals and trust.** Every exponent has a confidence interval (:mod:`curvlens.fit`) and trust
-flags (:mod:`curvlens.trust`): resting on singular values below the half-batch noise floor, on
-too few points, or on a poor fit.
+**The two s, intervals, trust.** What each ``s`` means and what a gap between them implies, the
+confidence intervals and the trust flags: see :mod:`curvlens.trust` and :mod:`curvlens.fit`.
 
 Every undefined quantity is NaN with its reason in ``LayerReport.nan_reasons`` and ``warnings``.
 """

@@ -19,9 +19,23 @@ The floor falls as :math:`1/\sqrt{N}` with the number ``N`` of samples of the fi
 
 :func:`alignment_score` measures how much of the top eigenspace of the Hessian block the
 gradient's rank-one directions ``u_k v_k^T`` capture; it tells which of the two ``s`` a layer is
-closer to (see :mod:`curvlens.analysis`). The quantities are those of "Spectral Asymptotics of
+closer to. The quantities are those of "Spectral Asymptotics of
 Neural Network Loss Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026,
 arXiv:2606.02596).
+
+**The two s.** ``s_rayleigh`` is the decay of the curvatures ``h_k`` along the gradient's own
+directions ``u_k v_k^T``, sorted. Since ``h_k ~ sigma_k^alpha`` and ``sigma_k ~ k^-gamma``, it is
+close to ``alpha * gamma`` almost by construction: its transfer error tests the power-law shape
+of the fits more than a property of the network. ``s_lanczos`` is the decay of the top
+eigenvalues of the Hessian block itself, measured without the gradient. The top of the block is
+not spanned by the gradient's rank-one directions in general: it holds roughly the products of
+the two Kronecker factors' spectra, and a sorted product of two power laws decays like the slower
+one, so ``s_lanczos`` is usually smaller. Both are refitted over one common rank window
+(``s_rayleigh_common``, ``s_lanczos_common``, ``s_gap``), and ``alignment_score`` says how much of
+the block's top eigenspace the gradient's directions capture: near 1, the two ``s`` describe the
+same directions and should agree; near chance (``K / (m n)``), a large gap only says that the
+gradient explores directions other than the sharpest ones, and ``alpha * gamma`` predicts the
+Rayleigh ``s``, not the block's spectrum.
 """
 
 from __future__ import annotations
