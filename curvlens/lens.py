@@ -313,17 +313,6 @@ class CurvatureLens:
         ``max(m, n) * eps * sigma_1`` (``eps`` of the gradient's dtype), so round-off singular
         values (a 10-class head's gradient has rank 9) do not bend the fit. NaN where fewer than
         three remain.
-
-        Example:
-            >>> import torch
-            >>> from torch import nn
-            >>> net = nn.Sequential(nn.Linear(6, 4))
-            >>> lens = CurvatureLens(net, nn.MSELoss(), top_k=4, kronecker="none")
-            >>> with lens:
-            ...     nn.MSELoss()(net(torch.randn(8, 6)), torch.randn(8, 4)).backward()
-            ...     lens.step()
-            >>> [step for step, _ in lens.gamma_trace()["0"]]
-            [0]
         """
         out: dict[str, list[tuple[int, float]]] = {}
         for name, records in self.gradient_spectra.items():
