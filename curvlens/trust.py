@@ -174,5 +174,6 @@ def alignment_score(U: Tensor, V: Tensor, ritz: Tensor) -> float:
         raise ValueError(f"alignment_score: U {tuple(U.shape)}, V {tuple(V.shape)} and Ritz "
                          f"vectors {tuple(ritz.shape)} do not fit ([m, K], [n, K], [r, m, n])")
     dt = torch.float64
-    proj = torch.einsum("mk,rmn,nk->rk", U.to(dt), ritz.to(dt), V.to(dt))  # [r, K]
+    proj = torch.einsum("mk,rmn,nk->rk", U.detach().to(dt), ritz.detach().to(dt),
+                        V.detach().to(dt))  # [r, K]
     return float(proj.square().sum() / ritz.shape[0])

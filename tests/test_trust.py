@@ -187,7 +187,7 @@ def test_alignment_score_matches_dense_hessian_eigenvectors():
         return loss_fn(functional_call(net, {**params, "0.weight": w}, (x,)), y)
 
     w = params["0.weight"].detach().clone().requires_grad_(True)
-    H = hessian(loss_of)(w).reshape(20, 20)
+    H = hessian(loss_of)(w).reshape(20, 20).detach()
     evals, evecs = torch.linalg.eigh(H)
     Q = evecs[:, -4:].T.reshape(4, 4, 5)  # top-4 eigenvectors as [r, m, n]
     G = torch.autograd.grad(loss_of(w), w)[0]
