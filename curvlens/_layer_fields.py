@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvlens._budget import resolve_budget
 from curvlens.alignment import alignment_budget
 from curvlens.fit import (
     PowerLawFit,
@@ -23,8 +22,6 @@ from curvlens.fit import (
     _participation,
     _zeta_bound_reason,
 )
-from curvlens.hessian_spectrum import block_eigenvalues
-from curvlens.layers import LayerInfo
 from curvlens.rank_models import compare_rank_models
 from curvlens.results import LayerReport
 from curvlens.spectra.weight_tails import weight_tail_stats
@@ -297,15 +294,3 @@ def _weight_corollary(v: dict, ex: _Explain) -> None:
     if math.isfinite(a) and math.isfinite(s) and not a < s:
         ex.warn(f"weight_alpha = {a:.3g} >= s = {s:.3g}: the paper's corollary "
                 "weight_alpha < s does not hold for this layer")
-
-
-def _block_top(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any, info: LayerInfo,
-               k: int, seed: int) -> tuple[Tensor, Tensor | None]:
-    """Top-``k`` block eigenvalues and, when ``k`` of them fit in the memory budget (the
-    default of :mod:`curvlens._budget`), their vectors for the alignment score."""
-    m, n = info.matrix_shape
-    gen = torch.Generator(info.weight.device).manual_seed(seed)
-    if k * m * n * info.weight.element_size() > resolve_budget(None, info.weight.device):
-        return block_eigenvalues(model, loss_fn, args, targets, info, k, generator=gen), None
-    return block_eigenvalues(model, loss_fn, args, targets, info, k, generator=gen,
-                             return_vectors=True)

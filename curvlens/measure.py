@@ -163,7 +163,8 @@ def analyze_model(
     info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
             "loss_reduction": reduction.value,
             "kronecker_backend": str(kronecker_backend), "batch_size": batch,
-            "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed}
+            "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed,
+            "interval": "studentized", "ci_level": 0.95}
     return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
 
 
@@ -209,13 +210,12 @@ class _MatrixRun:
         except Exception as err:  # noqa: BLE001 - one matrix must not lose the report
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
                            f"layer {name!r}: measuring h_k failed ({type(err).__name__}: {err})")
-        lam, lam_error = None, ""
+        lam, ritz, lam_error = None, None, ""
         if self.lanczos_k:
             try:
-                lam = block_eigenvalues(self.model, self.loss_fn, self.args, self.targets, info,
-                                        min(self.lanczos_k, m * n), memory_budget=self.budget,
-                                        generator=torch.Generator(G.device).manual_seed(self.seed),
-                                        tol=None if G.dtype == torch.float64 else 1e-2)
+                lam, ritz = _block_top(self.model, self.loss_fn, self.args, self.targets, info,
+                                       min(self.lanczos_k, m * n), self.seed, budget=self.budget,
+                                       tol=None if G.dtype == torch.float64 else 1e-2)
             except Exception as err:  # noqa: BLE001
                 lam_error = (f"layer {name!r}: Lanczos on the Hessian block failed "
                              f"({type(err).__name__}: {err})")
@@ -223,7 +223,7 @@ class _MatrixRun:
             rep = analyze_layer(
                 S, h, C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
                 U=U, V=V, lambda_top=lam, noise_norm=noise, weight=info.matrix(), **base,
-                **self.fit)
+                n_samples=len(self.args[0]), ritz_vectors=ritz, **self.fit)
         except Exception as err:  # noqa: BLE001
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
                            f"layer {name!r}: analysis failed ({type(err).__name__}: {err})")
@@ -233,6 +233,19 @@ class _MatrixRun:
         if no_factors and f is None:
             _explain(rep, _BUDGET, f"no Kronecker factors: {no_factors}")
         return rep
+
+
+def _block_top(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any, info: LayerInfo,
+               k: int, seed: int, *, budget: Any = None, tol: float | None = None
+               ) -> tuple[Tensor, Tensor | None]:
+    """Top-``k`` block eigenvalues and, when ``k`` of them fit in the memory budget, their
+    vectors for the alignment score."""
+    m, n = info.matrix_shape
+    gen = torch.Generator(info.weight.device).manual_seed(seed)
+    vectors = k * m * n * info.weight.element_size() <= resolve_budget(budget, info.weight.device)
+    out = block_eigenvalues(model, loss_fn, args, targets, info, k, generator=gen, tol=tol,
+                            memory_budget=budget, return_vectors=vectors)
+    return out if vectors else (out, None)
 
 
 class _MeanLoss:

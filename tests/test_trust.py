@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from curvlens.analysis import analyze_layer, analyze_model
+from curvlens.analysis import analyze_layer
 from curvlens.fit import fit_rank_decay, student_t_quantile
 from curvlens.lens import CurvatureLens
+from curvlens.measure import analyze_model
 from curvlens.report import from_json, to_csv, to_json
 from curvlens.results import Report
 from curvlens.trust import TrustPolicy, alignment_score, samples_needed, trust_flags
