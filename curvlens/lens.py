@@ -306,14 +306,9 @@ class CurvatureLens:
         return {name: float(rep.alpha) for name, rep in self.history[-1].layers.items()}
 
     def gamma_trace(self) -> dict[str, list[tuple[int, float]]]:
-        """``{layer: [(step, gamma), ...]}``: the rank-decay exponent of each recorded spectrum.
-
-        ``gamma = -slope`` of ``log sigma_k`` on ``log k`` over the same window as
-        :meth:`analyze`: the ``sigma_k`` above the numerical rank cut
-        ``max(m, n) * eps * sigma_1`` (``eps`` of the gradient's dtype), so round-off singular
-        values (a 10-class head's gradient has rank 9) do not bend the fit. NaN where fewer than
-        three remain.
-        """
+        """``{layer: [(step, gamma), ...]}``: the rank-decay exponent of each recorded spectrum,
+        over :meth:`analyze`'s window (``sigma_k > max(m, n) * eps * sigma_1``: no round-off
+        values, e.g. a 10-class head's 10th); NaN where fewer than three remain."""
         out: dict[str, list[tuple[int, float]]] = {}
         for name, records in self.gradient_spectra.items():
             size = max(self.layers[name].matrix_shape)
