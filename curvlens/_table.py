@@ -26,8 +26,8 @@ _IDENTITY = ("alpha", "gamma", "s_rayleigh")
 
 # (header, width) of the table columns after the layer name.
 _COLUMNS: list[tuple[str, int]] = [
-    ("kind", 4), ("shape", 8), ("alpha", 9), ("gamma", 9), ("s", 9), ("a*g", 5), ("err", 5),
-    ("s_L", 6), ("BIC", 4),
+    ("kind", 4), ("shape", 8), ("alpha", 9), ("gamma", 9), ("s", 9), ("a*g", 4), ("err", 5),
+    ("s_L", 5), ("BIC", 4),
 ]
 _LEFT = ("kind", "BIC")
 
