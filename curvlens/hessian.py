@@ -13,9 +13,9 @@ gradient's singular directions; this module computes it exactly, never by finite
   (``torch.func.jvp`` of ``jvp``, vmapped over ``k``), which needs no backward pass and no
   stored activations; the HVP route is the fallback and a cross-check.
 
-Every function measures inside :func:`measurement_mode` (dropout off, batch-norm on running
-statistics). Eigenvalues, trace and density of these operators are in
-:mod:`curvlens.hessian_spectrum`.
+Every function measures inside :func:`measurement_mode` (autocast off, gradients on, the math
+attention kernel, twice-differentiable stand-ins, dropout off, batch-norm per ``batch_norm``).
+Eigenvalues, trace and density of these operators are in :mod:`curvlens.hessian_spectrum`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
+from curvlens._context import measuring, unwrap_compiled
 from curvlens._functional_model import (
     Inputs,
     as_tuple,
@@ -39,7 +40,8 @@ from curvlens._functional_model import (
     param_name,
     trainable_parameters,
 )
-from curvlens._modes import measurement_mode
+from curvlens._modes import BatchNormPolicy, measurement_mode
+from curvlens._substitutes import NoDerivativeError, explain_autograd_error
 from curvlens.layers import LayerInfo, resolve_layer
 
 __all__ = [
@@ -101,6 +103,8 @@ class GradGraph:
             tangents = [vs[i] for i in self._live]
             try:
                 outs = list(self._grad(grads, tangents, batched))
+            except NoDerivativeError:
+                raise
             except RuntimeError:
                 if not batched:
                     raise
@@ -111,11 +115,17 @@ class GradGraph:
         return [torch.zeros_like(v) if o is None else o for o, v in zip(outs, vs)]
 
     def _grad(self, grads: list[Tensor], tangents: list[Tensor], batched: bool):
-        with torch.enable_grad():
-            return torch.autograd.grad(
-                grads, self.params, tangents, retain_graph=True, allow_unused=True,
-                is_grads_batched=batched,
-            )
+        try:
+            with torch.enable_grad():
+                return torch.autograd.grad(
+                    grads, self.params, tangents, retain_graph=True, allow_unused=True,
+                    is_grads_batched=batched,
+                )
+        except RuntimeError as err:
+            explained = explain_autograd_error(err, self.where)
+            if explained is None:
+                raise
+            raise explained from err
 
 
 def _layer(model: nn.Module, layer: str | nn.Module | LayerInfo) -> tuple[LayerInfo, str]:
@@ -157,6 +167,7 @@ def block_hvp(
     V: Tensor,
     *,
     max_batch: int | None = None,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> Tensor:
     r"""Exact products ``H_WW V_k`` with the Hessian block of one layer's weight.
 
@@ -170,14 +181,16 @@ def block_hvp(
             weight.
         max_batch: at most this many directions per batched backward pass (memory budget);
             ``None`` does all ``k`` at once.
+        batch_norm: ``"eval"`` (running statistics) or ``"batch"`` (the batch's statistics,
+            running statistics untouched); ``None``: an enclosing measurement's, else ``"eval"``.
 
     Returns:
         ``[k, m, n]``: ``H_WW V_k`` for each ``k``, in the matrix view.
 
     Raises:
         ValueError: ``V`` of the wrong shape or device, an empty batch, a non-scalar loss.
-        TypeError: ``V`` of another dtype than the weight.
-        RuntimeError: the loss is NaN or infinite.
+        TypeError: ``V`` of another dtype than the weight; a float16/bfloat16 model.
+        RuntimeError: the loss is NaN or infinite; an op without a second derivative (named).
 
     Example:
         >>> import torch
@@ -188,6 +201,7 @@ def block_hvp(
         >>> HV.shape
         torch.Size([4, 2, 3])
     """
+    model = unwrap_compiled(model)
     info, where = _layer(model, layer)
     m, n = info.matrix_shape
     w = info.weight
@@ -198,8 +212,8 @@ def block_hvp(
     k = V.shape[0]
     if k == 0:
         return torch.zeros_like(V)
-    with measurement_mode(model):
-        graph = GradGraph(model, loss_fn, args, targets, [w], where)
+    with measuring(model, args, targets, where=where, batch_norm=batch_norm) as ms:
+        graph = GradGraph(model, loss_fn, ms.inputs, ms.targets, [w], where)
         chunks = [layer_hvp(graph, info, c) for c in V.split(max_batch or k)]
     return torch.cat(chunks)
 
@@ -222,6 +236,7 @@ def directional_curvature(
     *,
     method: CurvatureMethod | str = CurvatureMethod.AUTO,
     max_batch: int | None = None,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> Tensor:
     r"""Exact curvature ``h_k = vec(u_k v_k^T)^T H_WW vec(u_k v_k^T)`` along rank-one directions.
 
@@ -237,14 +252,16 @@ def directional_curvature(
             vmapped over ``k``), ``"hvp"`` (double-backward products contracted with ``D_k``), or
             ``"auto"`` (forward, falling back to hvp where an op lacks forward-mode AD).
         max_batch: at most this many directions at once.
+        batch_norm: ``"eval"`` (running statistics) or ``"batch"`` (the batch's statistics,
+            running statistics untouched); ``None``: an enclosing measurement's, else ``"eval"``.
 
     Returns:
         ``[k]``: ``h_k`` (may be negative: the Hessian block is indefinite in general).
 
     Raises:
         ValueError: ``U``/``V`` shapes or devices wrong, bad ``method``, empty batch.
-        TypeError: ``U``/``V`` dtype differs from the weight's.
-        RuntimeError: NaN/Inf loss.
+        TypeError: ``U``/``V`` dtype differs from the weight's; a float16/bfloat16 model.
+        RuntimeError: NaN/Inf loss; an op without a second derivative (named).
 
     Example:
         >>> import torch
@@ -256,6 +273,7 @@ def directional_curvature(
         >>> bool(torch.isclose(h[0], (x[:, 0] ** 2).mean()))   # MSELoss averages over 2 outputs
         True
     """
+    model = unwrap_compiled(model)
     info, where = _layer(model, layer)
     m, n = info.matrix_shape
     w = info.weight
@@ -275,14 +293,18 @@ def directional_curvature(
     args = as_tuple(inputs)
     check_batch(args, where)
     D = torch.einsum("mk,nk->kmn", U, V)  # [k, m, n]
-    with measurement_mode(model):
+    with measuring(model, args, targets, where=where, batch_norm=batch_norm) as ms:
+        args, targets = ms.inputs, ms.targets
         if method is not CurvatureMethod.HVP:
             try:
                 return _curvature_forward(model, loss_fn, args, targets, info, D, where,
                                           max_batch)
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as err:
                 if method is CurvatureMethod.FORWARD:
-                    raise
+                    explained = explain_autograd_error(err, where)
+                    if explained is None:
+                        raise
+                    raise explained from err
         HD = block_hvp(model, loss_fn, args, targets, info, D, max_batch=max_batch)
         return (D * HD).sum((1, 2))
 
@@ -327,6 +349,7 @@ def model_hvp(
     v: Tensor,
     *,
     max_batch: int | None = None,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> Tensor:
     r"""Exact product of the whole-model Hessian with a flat vector.
 
@@ -341,6 +364,8 @@ def model_hvp(
         targets: passed to ``loss_fn``.
         v: ``[P]``, or ``[b, P]`` for ``b`` vectors at once.
         max_batch: at most this many vectors per backward pass.
+        batch_norm: ``"eval"`` (running statistics) or ``"batch"`` (the batch's statistics,
+            running statistics untouched); ``None``: an enclosing measurement's, else ``"eval"``.
 
     Returns:
         ``H v`` with the shape of ``v``.
@@ -353,6 +378,7 @@ def model_hvp(
         >>> model_hvp(net, nn.MSELoss(), x, y, torch.ones(4, dtype=torch.float64)).shape
         torch.Size([4])
     """
+    model = unwrap_compiled(model)
     params = list(trainable_parameters(model).values())
     where = f"model {type(model).__name__}"
     if not params:
@@ -362,8 +388,8 @@ def model_hvp(
     _check_max_batch(max_batch)
     args = as_tuple(inputs)
     check_batch(args, where)
-    with measurement_mode(model):
-        graph = GradGraph(model, loss_fn, args, targets, params, where)
+    with measuring(model, args, targets, where=where, batch_norm=batch_norm) as ms:
+        graph = GradGraph(model, loss_fn, ms.inputs, ms.targets, params, where)
         if v.dim() == 1:
             return flat_hvp(graph, v)
         if len(v) == 0:

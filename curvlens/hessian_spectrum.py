@@ -13,16 +13,18 @@ budget (thick restart).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlens._budget import check_fits, count_that_fits, resolve_budget
+from curvlens._context import measuring, unwrap_compiled
 from curvlens._dist import batch_mean, is_distributed
 from curvlens._functional_model import Inputs, as_tuple, check_batch, trainable_parameters
-from curvlens._modes import measurement_mode
+from curvlens._modes import BatchNormPolicy
 from curvlens.hessian import GradGraph, LossFn, _layer, flat_hvp, layer_hvp
 from curvlens.layers import LayerInfo, resolve_layer
 from curvlens.linalg.lanczos import Which, lanczos, parse_which
@@ -34,11 +36,14 @@ __all__ = ["block_eigenvalues", "hessian_density", "hessian_trace", "model_eigen
 Layer = str | nn.Module | LayerInfo
 
 
+@contextmanager
 def _graph(
-    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, layer: Layer | None
-) -> tuple[GradGraph, tuple[int, ...]]:
-    """The gradient graph of a layer's weight (or all trainable parameters) and the shape that
-    Ritz vectors take (``(m, n)`` or ``(P,)``). Call inside :func:`measurement_mode`."""
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, layer: Layer | None,
+    batch_norm: BatchNormPolicy | str | None,
+) -> Iterator[tuple[GradGraph, tuple[int, ...]]]:
+    """Inside the measurement context: the gradient graph of a layer's weight (or of all
+    trainable parameters) and the shape that Ritz vectors take (``(m, n)`` or ``(P,)``)."""
+    model = unwrap_compiled(model)
     if layer is None:
         params = list(trainable_parameters(model).values())
         where = f"model {type(model).__name__}"
@@ -51,10 +56,11 @@ def _graph(
         params, shape = [info.weight], info.matrix_shape
     args = as_tuple(inputs)
     check_batch(args, where)
-    graph = GradGraph(model, loss_fn, args, targets, params, where)
-    graph.batch_size = int(args[0].shape[0])
-    graph.layer = info
-    return graph, shape
+    with measuring(model, args, targets, where=where, batch_norm=batch_norm) as ms:
+        graph = GradGraph(model, loss_fn, ms.inputs, ms.targets, params, where)
+        graph.batch_size = int(args[0].shape[0])
+        graph.layer = info
+        yield graph, shape
 
 
 def _shared(generator: torch.Generator | None) -> torch.Generator | None:
@@ -120,13 +126,13 @@ def _eigen(
     k: int, which: Which | str, num_iter: int | None, tol: float | None,
     generator: torch.Generator | None, dtype: torch.dtype | None, return_vectors: bool,
     progress: bool, memory_budget: int | float | str | None,
+    batch_norm: BatchNormPolicy | str | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    with measurement_mode(model):
-        graph, shape = _graph(model, loss_fn, inputs, targets, layer)
+    with _graph(model, loss_fn, inputs, targets, layer, batch_norm) as (graph, shape):
         dim = math.prod(shape)
         work = _work_dtype(graph, dtype)
         device = graph.params[0].device
-        name = "model" if layer is None else resolve_layer(model, layer).name
+        name = "model" if layer is None else resolve_layer(unwrap_compiled(model), layer).name
         max_basis = lanczos_max_basis(dim, k, which, work, resolve_budget(memory_budget, device),
                                       name)
         out = lanczos(
@@ -156,11 +162,13 @@ def block_eigenvalues(
     return_vectors: bool = False,
     progress: bool = False,
     memory_budget: int | float | str | None = None,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The top-``k`` eigenvalues of one layer's Hessian block ``H_WW``, descending.
 
     Args:
-        model: the model; measured inside :func:`~curvlens.hessian.measurement_mode`.
+        model: the model; measured inside :func:`~curvlens.hessian.measurement_mode`
+            (autocast off, dropout off, batch-norm per ``batch_norm``).
         loss_fn: ``(model(*inputs), targets) -> scalar`` mean loss.
         inputs: the batch, a tensor or a tuple of tensors.
         targets: passed to ``loss_fn``.
@@ -177,6 +185,8 @@ def block_eigenvalues(
         memory_budget: bytes the Lanczos basis may take (an int, a string such as ``"2GB"``,
             or ``None`` for the default of :mod:`curvlens._budget`); a basis that would pass
             it is thick-restarted instead of grown.
+        batch_norm: ``"eval"`` (running statistics) or ``"batch"`` (the batch's statistics,
+            running statistics untouched); ``None``: an enclosing measurement's, else ``"eval"``.
 
     Returns:
         ``eigenvalues [k]`` descending, and with ``return_vectors`` the unit eigenvectors
@@ -194,7 +204,7 @@ def block_eigenvalues(
         torch.Size([2])
     """
     return _eigen(model, loss_fn, inputs, targets, layer, k, which, num_iter, tol, generator,
-                  dtype, return_vectors, progress, memory_budget)
+                  dtype, return_vectors, progress, memory_budget, batch_norm)
 
 
 def model_eigenvalues(
@@ -212,6 +222,7 @@ def model_eigenvalues(
     return_vectors: bool = False,
     progress: bool = False,
     memory_budget: int | float | str | None = None,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The top-``k`` eigenvalues of the Hessian over all trainable parameters, descending.
 
@@ -227,7 +238,7 @@ def model_eigenvalues(
         torch.Size([2])
     """
     return _eigen(model, loss_fn, inputs, targets, None, k, which, num_iter, tol, generator,
-                  dtype, return_vectors, progress, memory_budget)
+                  dtype, return_vectors, progress, memory_budget, batch_norm)
 
 
 def hessian_trace(
@@ -243,6 +254,7 @@ def hessian_trace(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> TraceEstimate:
     r"""Hutchinson estimate of ``tr(H_WW)`` (``layer`` given) or ``tr(H)`` (``layer=None``).
 
@@ -255,12 +267,12 @@ def hessian_trace(
         generator: seeds the probes.
         dtype: probe precision.
         progress: tqdm bar over the probes.
+        batch_norm: as in :func:`block_eigenvalues`.
 
     Returns:
         :class:`~curvlens.linalg.trace.TraceEstimate` ``(estimate, std_error, samples)``.
     """
-    with measurement_mode(model):
-        graph, shape = _graph(model, loss_fn, inputs, targets, layer)
+    with _graph(model, loss_fn, inputs, targets, layer, batch_norm) as (graph, shape):
         return hutchinson_trace(
             _matvec(graph), math.prod(shape), num_samples,
             batch_size=batch_size, distribution=distribution, generator=_shared(generator),
@@ -283,17 +295,17 @@ def hessian_density(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> SpectralDensity:
     r"""SLQ spectral density of ``H_WW`` (``layer`` given) or of the whole Hessian.
 
     Arguments as in :func:`~curvlens.linalg.slq.spectral_density`; ``layer=None`` means all
-    trainable parameters.
+    trainable parameters; ``batch_norm`` as in :func:`block_eigenvalues`.
 
     Returns:
         :class:`~curvlens.linalg.slq.SpectralDensity` (nodes, weights, grid, density, sigma).
     """
-    with measurement_mode(model):
-        graph, shape = _graph(model, loss_fn, inputs, targets, layer)
+    with _graph(model, loss_fn, inputs, targets, layer, batch_norm) as (graph, shape):
         return spectral_density(
             _matvec(graph), math.prod(shape), num_probes=num_probes,
             num_iter=num_iter, grid=grid, num_points=num_points, sigma=sigma,

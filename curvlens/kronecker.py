@@ -50,6 +50,7 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
+from curvlens._context import measuring, unwrap_compiled
 from curvlens._factor_forms import DiagonalFactor, SketchedFactor, factor_quad
 from curvlens._factor_store import FactorAccumulator, KroneckerFactors
 from curvlens._functional_model import check_loss
@@ -64,6 +65,7 @@ from curvlens._losses import (
     sample_targets,
     select_output,
 )
+from curvlens._modes import BatchNormPolicy
 from curvlens._options import parse_option
 from curvlens.hooks import Capture
 from curvlens.layers import LayerInfo, find_layers
@@ -138,12 +140,12 @@ def kronecker_factors(
     reduction: LossReduction | str | None = None,
     output: OutputSelector = None,
     likelihood: Likelihood | str | None = None,
+    batch_norm: BatchNormPolicy | str | None = None,
 ) -> dict[str, KroneckerFactors]:
     """Kronecker factors of every chosen layer on one batch.
 
-    The model is used in its current train/eval mode (wrap the call in
-    :func:`curvlens.hessian.measurement_mode` for dropout off and batch-norm frozen); parameter
-    ``.grad`` fields are not touched.
+    Measured inside :func:`curvlens.hessian.measurement_mode` (autocast off, dropout off,
+    batch-norm per ``batch_norm``); parameter ``.grad`` fields are not touched.
 
     Args:
         model: the network; called as ``model(*inputs)``.
@@ -169,6 +171,8 @@ def kronecker_factors(
             of (e.g. ``"logits"``).
         likelihood: ``"categorical"`` or ``"gaussian"``, the predictive distribution the
             ``"fisher"`` targets are drawn from (default: detected from the loss).
+        batch_norm: ``"eval"`` (running statistics) or ``"batch"`` (the batch's statistics,
+            running statistics untouched); ``None``: an enclosing measurement's, else ``"eval"``.
 
     Returns:
         ``{layer_name: KroneckerFactors}`` with ``C_A [n, n]`` and ``C_delta [m, m]``, for the
@@ -192,16 +196,20 @@ def kronecker_factors(
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples!r}")
     inputs = _as_tuple(inputs)
     B = _check_batch(inputs)
+    model = unwrap_compiled(model)
     chosen = {name: info for name, info in find_layers(model, layers, on_unsupported="skip").items()
               if info.spec is not None}
-    if backend is FactorBackend.BACKPACK:
-        from curvlens._backpack import backpack_factors
+    with measuring(model, inputs, targets, where="kronecker_factors",
+                   batch_norm=batch_norm) as ms:
+        if backend is FactorBackend.BACKPACK:
+            from curvlens._backpack import backpack_factors
 
-        return backpack_factors(model, loss_fn, inputs, targets, chosen, mode, mc_samples)
-    reduction = loss_reduction(loss_fn, reduction)
-    lik = likelihood_of(loss_fn, likelihood) if mode is FactorMode.FISHER else None
-    acc = _hook_factors(model, loss_fn, inputs, targets, chosen, mode, generator, mc_samples, B,
-                        reduction, output, lik, memory_budget)
+            return backpack_factors(model, loss_fn, ms.inputs, ms.targets, chosen, mode,
+                                    mc_samples)
+        reduction = loss_reduction(loss_fn, reduction)
+        lik = likelihood_of(loss_fn, likelihood) if mode is FactorMode.FISHER else None
+        acc = _hook_factors(model, loss_fn, ms.inputs, ms.targets, chosen, mode, generator,
+                            mc_samples, B, reduction, output, lik, memory_budget)
     if distributed:
         acc.all_reduce()
     return acc.factors(skip_empty=skip_empty)

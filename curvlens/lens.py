@@ -16,13 +16,17 @@ as a context manager around training:
 
 The lens never changes what training computes: it only reads ``.grad``, its hooks only store
 detached tensors, ``analyze`` runs with the parameters' ``.grad`` set aside and restored, with
-dropout/batch-norm frozen (:func:`curvlens._modes.measurement_mode`), its own capture paused,
-and the global random number generators forked (``torch.random.fork_rng``), so a seeded run
-with the lens gives bit-for-bit the same losses and parameters as without it (tested).
+dropout off and batch-norm per ``batch_norm`` (:func:`curvlens.measurement_mode`), its own
+capture paused, and the global random number generators forked (``torch.random.fork_rng``),
+so a seeded run with the lens gives bit-for-bit the same losses and parameters as without it.
 
 Running factors come from the training backward itself, i.e. the empirical (true-label)
 factors averaged over the recorded steps since the last :meth:`CurvatureLens.reset_running`;
 ``mode`` selects the factors of the fixed-batch analysis.
+
+A lens given a ``torch.compile`` wrapper measures its original module; enter ``with lens:``
+before the compiled model's first call (torch.compile ignores hooks added later; a step whose
+hooks never fired raises instead of leaving the factors silently empty).
 
 Example:
     >>> import torch
@@ -56,10 +60,11 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._budget import resolve_budget
+from curvlens._context import check_hooks_fired, is_compiled, unwrap_compiled
 from curvlens._functional_model import check_fixed_batch
 from curvlens._losses import LossReduction
 from curvlens._losses import loss_reduction as loss_reduction_of
-from curvlens._modes import measurement_mode
+from curvlens._modes import BatchNormPolicy
 from curvlens._options import parse_option, positive_int
 from curvlens._recorder import NoCapture, StepRecorder
 from curvlens.fit import _rank_cut, ols_slope
@@ -121,6 +126,7 @@ class CurvatureLens:
         loss_reduction: ``"mean"`` or ``"sum"``, how ``loss_fn`` combines the batch (default:
             read off a torch loss module, else a mean); it scales the per-sample gradients of
             the Kronecker factors.
+        batch_norm: :meth:`analyze`'s :class:`~curvlens.BatchNormPolicy`, ``"eval"`` or ``"batch"``.
 
     Attributes:
         history: every :class:`~curvlens.analysis.Report` of :meth:`analyze`, oldest first.
@@ -152,12 +158,15 @@ class CurvatureLens:
         grad_scaler: Any = None,
         spectra_history: int = 1000,
         loss_reduction: LossReduction | str | None = None,
+        batch_norm: BatchNormPolicy | str = BatchNormPolicy.EVAL,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        self.model = model
+        self.compiled, self.model = is_compiled(model), unwrap_compiled(model)
+        model = self.model  # a torch.compile wrapper's original module
+        self.batch_norm = parse_option(BatchNormPolicy, batch_norm, "batch_norm")
         self.loss_fn = loss_fn
         self.top_k = positive_int(top_k, "top_k")
         self.every = positive_int(every, "every")
@@ -266,6 +275,7 @@ class CurvatureLens:
         try:
             if self.recording_step:
                 capture = self._capture if isinstance(self._capture, Capture) else None
+                check_hooks_fired(capture, self.layers, self.num_steps, self.compiled)
                 self._recorder.record(self.num_steps, capture)
         finally:
             self._capture.clear()
@@ -327,10 +337,10 @@ class CurvatureLens:
         """Full per-layer measurement on a fixed batch; appended to :attr:`history`.
 
         Runs :func:`curvlens.measure.analyze_model` with the lens's layers, ``top_k``,
-        ``mode``, Kronecker backend and options, in measurement mode (dropout off, batch-norm
-        in eval), with the hooks of the lens paused, the parameters' ``.grad`` set aside and
-        restored, and the global RNG state forked: training continues exactly as without it.
-        Works inside or outside ``with lens:``.
+        ``mode``, Kronecker backend, ``batch_norm`` and options, in measurement mode, with the
+        hooks of the lens paused, the parameters' ``.grad`` set aside and restored, and the
+        global RNG state forked: training continues exactly as without it. Works inside or
+        outside ``with lens:``, under autocast, ``no_grad`` or ``inference_mode`` alike.
 
         Args:
             inputs: the fixed batch ``[B, ...]`` (a tensor, or a tuple for ``model(*inputs)``).
@@ -359,6 +369,7 @@ class CurvatureLens:
             "loss_reduction": self.loss_reduction.value,
             "kronecker_backend": (None if self.kronecker is KroneckerSource.NONE
                                   else self.kronecker.value),
+            "batch_norm": self.batch_norm.value,
         }
         if self.lanczos_k is not None:
             options["lanczos_k"] = self.lanczos_k
@@ -371,7 +382,7 @@ class CurvatureLens:
         try:
             for p in params:
                 p.grad = None
-            with torch.random.fork_rng(devices=rng_devices), measurement_mode(self.model):
+            with torch.random.fork_rng(devices=rng_devices):
                 report = analyze_model(
                     self.model, self.loss_fn,
                     inputs_t if len(inputs_t) > 1 else inputs_t[0], targets, **options,
@@ -391,10 +402,9 @@ class CurvatureLens:
 
     def _meta(self) -> dict[str, Any]:
         return {
-            "top_k": self.top_k,
-            "every": self.every,
-            "kronecker": self.kronecker.value,
-            "mode": self.mode.value,
+            "top_k": self.top_k, "every": self.every, "kronecker": self.kronecker.value,
+            "mode": self.mode.value, "batch_norm": self.batch_norm.value,
+            "compiled": self.compiled,
             "num_steps": self.num_steps,
             **self._recorder.meta(),
             "train_gamma": {

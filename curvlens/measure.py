@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._budget import activation_bytes, direction_chunk, resolve_budget
+from curvlens._context import measuring
 from curvlens._dist import batch_mean
 from curvlens._losses import LossReduction, OutputSelector
 from curvlens._losses import loss_reduction as resolve_reduction
-from curvlens._modes import STOCHASTIC_MODULES
+from curvlens._modes import BatchNormPolicy
 from curvlens._progress import progress_bar
 from curvlens.analysis import analyze_layer
-from curvlens.hessian import directional_curvature, measurement_mode
+from curvlens.hessian import directional_curvature
 from curvlens.hessian_spectrum import block_eigenvalues
 from curvlens.kronecker import KroneckerFactors, kronecker_factors
 from curvlens.layers import LayerInfo, find_layers
@@ -66,6 +67,7 @@ def analyze_model(
     output: OutputSelector = None,
     likelihood: str | None = None,
     memory_budget: int | float | str | None = None,
+    batch_norm: BatchNormPolicy | str = BatchNormPolicy.EVAL,
 ) -> Report:
     """Measure every trainable weight matrix of ``model`` on one fixed batch and analyze it.
 
@@ -75,7 +77,9 @@ def analyze_model(
     (:func:`curvlens.kronecker.kronecker_factors`, for matrices with a capture adapter), the
     top Hessian-block eigenvalues by Lanczos, and the half-batch noise ``||(G1 - G2)/2||_2``;
     then :func:`curvlens.analysis.analyze_layer`. Everything runs inside
-    :func:`curvlens.hessian.measurement_mode` (dropout off, batch-norm in eval mode).
+    :func:`curvlens.hessian.measurement_mode` whatever the caller's context (autocast,
+    ``no_grad``, ``inference_mode``); a ``torch.compile`` wrapper is measured through its
+    original module, a float16/bfloat16 model through a float32 copy (noted in the report).
 
     Under an initialized ``torch.distributed`` process group every process passes its own shard
     of the fixed batch and calls this function: gradients, ``h_k``, Lanczos products and
@@ -108,6 +112,9 @@ def analyze_model(
             allocation that cannot fit is refused by name and that matrix's fields are NaN
             with the reason. Lanczos stops at a relative residual of ``1e-2`` for float32
             weights (eigenvalues to about ``1e-4``), ``sqrt(eps)`` for float64.
+        batch_norm: ``"eval"`` (running statistics; outputs nearly the same for every sample
+            add a warning naming the worst-fitting batch-norm layer) or ``"batch"`` (the batch's
+            statistics, running statistics untouched); see :class:`curvlens.BatchNormPolicy`.
 
     Returns:
         A :class:`Report` with one :class:`LayerReport` per matrix (tied weights once, with
@@ -133,20 +140,22 @@ def analyze_model(
     args = _as_inputs(inputs)
     batch = int(args[0].shape[0])
     reduction = resolve_reduction(loss_fn, loss_reduction)
-    found = find_layers(model, layers, on_unsupported="skip")
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a parameter "
-                         "with >= 2 dimensions and requires_grad=True)")
     factor_options = dict(reduction=reduction, output=output, likelihood=likelihood,
                           memory_budget=memory_budget)
     raw_loss, loss_fn = loss_fn, _as_mean(loss_fn, reduction, batch)
-    with measurement_mode(model):
+    with measuring(model, args, targets, where="analyze_model", batch_norm=batch_norm,
+                   upcast=True, diagnose=True) as ms:
+        model, args, targets = ms.model, ms.inputs, ms.targets
+        found = find_layers(model, layers, on_unsupported="skip")
+        if not found:
+            raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a "
+                             "parameter with >= 2 dimensions and requires_grad=True)")
         grads = _layer_gradients(model, loss_fn, args, targets, found)
         noise = (_half_batch_noise(model, _as_mean(raw_loss, reduction, batch // 2), args,
                                    targets, found) if noise_floor and batch >= 2 else {})
         factors, missing = _factors(model, raw_loss, args, targets, found, kronecker_mode,
                                     kronecker_backend, factor_options)
-        notes = _measurement_notes(model, kronecker_mode, kronecker_backend, batch)
+        notes = _measurement_notes(kronecker_mode, kronecker_backend, batch) + ms.notes
         if not noise_floor or batch < 2:
             notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
                                                else "needs a batch of at least 2 samples"))
@@ -160,11 +169,13 @@ def analyze_model(
                                       seed=seed), notes, budget, act)
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
                                     missing.get(name))
+    ms.warn(reports.values())
     info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
             "loss_reduction": reduction.value,
             "kronecker_backend": str(kronecker_backend), "batch_size": batch,
             "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed,
-            "interval": "studentized", "ci_level": 0.95}
+            "interval": "studentized", "ci_level": 0.95,
+            "batch_norm": ms.policy.value}
     return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
 
 
@@ -365,7 +376,7 @@ def _factors(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
     return factors, missing
 
 
-def _measurement_notes(model: nn.Module, mode: str, backend: str, batch: int) -> list[str]:
+def _measurement_notes(mode: str, backend: str, batch: int) -> list[str]:
     notes = [f"fixed batch of {batch} samples"]
     if backend is None:
         notes.append("Kronecker factors not measured (kronecker_backend=None)")
@@ -373,9 +384,4 @@ def _measurement_notes(model: nn.Module, mode: str, backend: str, batch: int) ->
         notes.append(f"Kronecker factors: mode={getattr(mode, 'value', mode)}, backend="
                      f"{getattr(backend, 'value', backend)} (conv: C_delta carries the T output "
                      "locations; chi's level depends on this convention, slopes do not)")
-    switched = sorted({type(m).__name__ for m in model.modules()
-                       if isinstance(m, STOCHASTIC_MODULES)})
-    if switched:
-        notes.append(f"measured with dropout off and batch-norm in eval mode ({', '.join(switched)}"
-                     " switched to eval during measurement)")
     return notes

@@ -380,7 +380,7 @@ def test_analyze_model_on_a_trained_digits_cnn():
         assert rep.noise_norm > 0 and rep.noise_floor == 2 * rep.noise_norm
         assert rep.k_kept == sum(s > rep.noise_floor for s in rep.sigma)
         assert len(rep.lambda_top) == 6 and rep.lambda_top[0] >= max(rep.h) * (1 - 1e-4)
-        assert any("batch-norm in eval mode" in n for n in rep.notes)
+        assert any("dropout off (Dropout in eval mode)" in n for n in rep.notes)
     # Cross-check one layer's h against the dense Hessian-free reference: h_k from a fresh
     # double-backward HVP along u_k v_k^T.
     rep = report.layers["5"]
