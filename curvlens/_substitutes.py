@@ -10,19 +10,34 @@ of ``F.scaled_dot_product_attention``), so that the measured function is determi
 
 Where no substitute exists, :func:`explain_autograd_error` turns torch's "derivative for
 aten::X is not implemented" into a message naming the op and the layer being measured.
+
+torch's forward-over-forward derivatives of ``layer_norm``, ``instance_norm`` and ``batch_norm``
+with batch statistics are wrong (the second-order tangent misses the dependence of the mean and
+variance on the input; double backward is right). The mode records these calls inside
+:func:`watch_forward_unsafe`, so that forward-mode curvature is never used through them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["SUBSTITUTES", "MeasurementFunctionMode", "NoDerivativeError", "explain_autograd_error"]
+__all__ = [
+    "FORWARD_UNSAFE",
+    "SUBSTITUTES",
+    "MeasurementFunctionMode",
+    "NoDerivativeError",
+    "explain_autograd_error",
+    "watch_forward_unsafe",
+]
 
 
 def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
@@ -61,6 +76,43 @@ SUBSTITUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.scaled_dot_product_attention: _sdpa_without_dropout,
 }
 
+def _normalizes_over_samples(*args: Any, **kwargs: Any) -> bool:
+    return True
+
+
+def _batch_norm_uses_batch(input: Tensor, running_mean: Tensor | None = None,
+                           running_var: Tensor | None = None, *args: Any,
+                           **kwargs: Any) -> bool:
+    """Whether ``F.batch_norm`` normalizes with the batch's statistics."""
+    training = kwargs.get("training", args[2] if len(args) > 2 else False)
+    return bool(training) or running_mean is None or running_var is None
+
+
+#: ``{torch function: predicate on its arguments}``: calls whose forward-over-forward
+#: derivative torch computes wrongly (module docstring).
+FORWARD_UNSAFE: dict[Callable[..., Any], Callable[..., bool]] = {
+    F.layer_norm: _normalizes_over_samples,
+    torch.layer_norm: _normalizes_over_samples,
+    torch.native_layer_norm: _normalizes_over_samples,
+    F.instance_norm: _normalizes_over_samples,
+    torch.instance_norm: _normalizes_over_samples,
+    F.batch_norm: _batch_norm_uses_batch,
+}
+
+_WATCH = threading.local()
+
+
+@contextmanager
+def watch_forward_unsafe() -> Iterator[list[str]]:
+    """Collect the names of :data:`FORWARD_UNSAFE` calls made in the block (while the
+    measurement function mode is active)."""
+    previous, _WATCH.seen = getattr(_WATCH, "seen", None), []
+    try:
+        yield _WATCH.seen
+    finally:
+        _WATCH.seen = previous
+
+
 class MeasurementFunctionMode(TorchFunctionMode):
     """Replaces the functions in :data:`SUBSTITUTES` by their stand-ins while active.
 
@@ -80,6 +132,10 @@ class MeasurementFunctionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        seen = getattr(_WATCH, "seen", None)
+        unsafe = FORWARD_UNSAFE.get(func)
+        if seen is not None and unsafe is not None and unsafe(*args, **kwargs):
+            seen.append(getattr(func, "__name__", str(func)))
         stand_in = SUBSTITUTES.get(func)
         if stand_in is not None:
             return stand_in(*args, **kwargs)

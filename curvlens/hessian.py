@@ -41,7 +41,11 @@ from curvlens._functional_model import (
     trainable_parameters,
 )
 from curvlens._modes import BatchNormPolicy, measurement_mode
-from curvlens._substitutes import NoDerivativeError, explain_autograd_error
+from curvlens._substitutes import (
+    NoDerivativeError,
+    explain_autograd_error,
+    watch_forward_unsafe,
+)
 from curvlens.layers import LayerInfo, resolve_layer
 
 __all__ = [
@@ -250,7 +254,9 @@ def directional_curvature(
         V: ``[n, k]`` right vectors.
         method: ``"forward"`` (second directional derivative by forward-over-forward ``jvp``,
             vmapped over ``k``), ``"hvp"`` (double-backward products contracted with ``D_k``), or
-            ``"auto"`` (forward, falling back to hvp where an op lacks forward-mode AD).
+            ``"auto"`` (forward, falling back to hvp where an op lacks forward-mode AD or where
+            torch's second forward derivative is wrong: layer/instance norm, batch-norm on batch
+            statistics).
         max_batch: at most this many directions at once.
         batch_norm: ``"eval"`` (running statistics) or ``"batch"`` (the batch's statistics,
             running statistics untouched); ``None``: an enclosing measurement's, else ``"eval"``.
@@ -323,7 +329,14 @@ def _curvature_forward(
     w = info.weight
     name = param_name(model, w, where)
     with torch.no_grad(), no_fused_attention():
-        check_loss(loss_with(model, loss_fn, args, targets), where)
+        with watch_forward_unsafe() as unsafe:
+            check_loss(loss_with(model, loss_fn, args, targets), where)
+        if unsafe:
+            raise RuntimeError(
+                f"{where}: forward-over-forward differentiation through {sorted(set(unsafe))} "
+                "is wrong in torch (it misses how the normalization statistics move); use "
+                "method='hvp' or 'auto' (which then uses exact double-backward products)"
+            )
         w0 = w.detach()
 
         def loss_at(wt: Tensor) -> Tensor:
