@@ -370,3 +370,116 @@ def test_half_precision_model_is_measured_in_float32(half):
     assert {n: (r.h, r.sigma, r.lambda_top) for n, r in lens.analyze(x, y).layers.items()} == want
     with pytest.raises(TypeError, match=r"float32 copy.*analyze_model"):
         cl.block_hvp(net, nn.CrossEntropyLoss(), x, y, "3", torch.ones(1, 3, 16, dtype=half))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _train(model, lens, x, y, steps=3):
+    opt = torch.optim.SGD(lens.model.parameters(), lr=0.1)
+    for _ in range(steps):
+        F.cross_entropy(model(x), y).backward()
+        lens.step()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_compiled_model_is_measured_through_its_original_module():
+    torch.manual_seed(0)
+    net = _small_cnn()
+    eager = copy.deepcopy(net)
+    x, y = _batch(n=8)
+    x = x.float()
+    compiled = torch.compile(net, backend="eager")
+    options = dict(top_k=3, every=1, lanczos_k=0, kronecker="none",
+                   analyze_options={"bootstrap": 0, "noise_floor": False})
+    lens = cl.CurvatureLens(compiled, nn.CrossEntropyLoss(), **{**options, "kronecker": "hooks"})
+    assert lens.model is net and list(lens.layers) == ["0", "3"]
+    ref = cl.CurvatureLens(eager, nn.CrossEntropyLoss(), **{**options, "kronecker": "hooks"})
+    with lens:  # entered before the compiled model's first call: its hooks are compiled in
+        _train(compiled, lens, x, y)
+    with ref:
+        _train(eager, ref, x, y)
+    got, want = lens.running_factors(), ref.running_factors()
+    assert set(got) == set(want) == {"0", "3"}
+    for name in want:
+        torch.testing.assert_close(got[name].C_A, want[name].C_A, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[name].C_delta, want[name].C_delta, rtol=1e-5, atol=1e-9)
+    rep = cl.analyze_model(compiled, nn.CrossEntropyLoss(), x, y, top_k=3, bootstrap=0,
+                           lanczos_k=0, noise_floor=False, kronecker_backend=None)
+    assert list(rep.layers) == ["0", "3"]
+    assert any("torch.compile" in n for n in rep.layers["0"].notes)
+    want_h = cl.analyze_model(eager, nn.CrossEntropyLoss(), x, y, top_k=3, bootstrap=0,
+                              lanczos_k=0, noise_floor=False, kronecker_backend=None)
+    assert rep.layers["0"].h == pytest.approx(want_h.layers["0"].h, rel=1e-5)
+
+
+def test_hooks_added_after_the_compiled_model_ran_raise_with_the_remedy():
+    torch.manual_seed(0)
+    net = _small_cnn()
+    x, y = _batch(n=8)
+    x = x.float()
+    torch.compiler.reset()  # no compiled code of earlier tests (it may have hooks compiled in)
+    compiled = torch.compile(net, backend="eager")
+    compiled(x)  # traced without hooks: torch.compile does not see hooks added later
+    late = cl.CurvatureLens(compiled, nn.CrossEntropyLoss(), top_k=3, every=1)
+    with late, pytest.raises(RuntimeError, match=r"no forward hook.*torch\.compile.*before the "
+                                                 r"first call"):
+        _train(compiled, late, x, y, steps=1)
+    with late:
+        torch.compiler.reset()  # the advertised remedy: recompile with the hooks
+        _train(compiled, late, x, y, steps=1)
+    assert set(late.running_factors()) == {"0", "3"}
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_records_the_eager_factors():
+    torch.manual_seed(0)
+    net = _small_cnn()
+    eager = copy.deepcopy(net)
+    x, y = _batch(n=8)
+    x = x.float()
+    compiled = torch.compile(net)
+    lens = cl.CurvatureLens(compiled, nn.CrossEntropyLoss(), top_k=3, every=2)
+    ref = cl.CurvatureLens(eager, nn.CrossEntropyLoss(), top_k=3, every=2)
+    with lens:
+        _train(compiled, lens, x, y, steps=4)
+    with ref:
+        _train(eager, ref, x, y, steps=4)
+    got, want = lens.running_factors(), ref.running_factors()
+    for name in want:
+        torch.testing.assert_close(got[name].C_A, want[name].C_A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[name].C_delta, want[name].C_delta, rtol=1e-4, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def test_bf16_autocast_training_loop_analyze_inside_autocast():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(6 * 2 * 2, 8), nn.Tanh(), nn.Linear(8, 5))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 2, 4, 4, generator=g), torch.randint(0, 5, (32,), generator=g)
+    lens = cl.CurvatureLens(net, nn.CrossEntropyLoss(), top_k=4, every=2, lanczos_k=0,
+                            analyze_options={"bootstrap": 0})
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with lens:
+        for step in range(6):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                lens.step()
+                opt.step()
+                opt.zero_grad()
+                if step == 5:
+                    inside = lens.analyze(x, y)
+    outside = lens.analyze(x, y)
+    weights = [n for n, p in net.named_parameters() if p.dim() >= 2]
+    assert len(inside.layers) == len(weights)
+    finite = [n for n, r in inside.layers.items()
+              if all(math.isfinite(v) for v in (r.alpha, r.gamma, r.s_rayleigh))]
+    assert len(finite) >= 0.95 * len(weights), {n: r.nan_reasons for n, r in inside.layers.items()}
+    for name, rep in inside.layers.items():
+        assert rep.h == outside.layers[name].h and rep.alpha == outside.layers[name].alpha
+        assert any("autocast was on" in n for n in rep.notes)
