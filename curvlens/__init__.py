@@ -5,6 +5,7 @@ and the documentation (docs/) for the definition of every quantity.
 """
 
 from curvlens import spectra  # spectral tools from companion papers, as a subpackage
+from curvlens._modes import BatchNormPolicy
 from curvlens.analysis import analyze_layer
 from curvlens.callbacks import LensCallback
 from curvlens.fit import (
@@ -70,6 +71,7 @@ __all__ = [
     "hessian_trace",
     "hessian_density",
     "measurement_mode",
+    "BatchNormPolicy",
     "KroneckerFactors",
     "kronecker_factors",
     "kronecker_curvature",

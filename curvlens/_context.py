@@ -12,7 +12,8 @@ running statistics are furthest from the batch's.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,13 @@ class Measurement:
     policy: BatchNormPolicy
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def warn(self, reports: Iterable[Any]) -> None:
+        """Put :attr:`warnings` first in every report's ``warnings`` and issue each once."""
+        for rep in reports:
+            rep.warnings[:0] = self.warnings
+        for message in self.warnings:
+            warnings.warn(message, stacklevel=3)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
