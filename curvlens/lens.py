@@ -4,8 +4,8 @@ The lens implements the measurement protocol of "Spectral Asymptotics of Neural 
 Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596)
 as a context manager around training:
 
-* ``with lens:`` registers one forward hook per measured layer (a
-  :class:`~curvlens.hooks.Capture`) and removes every hook on exit, also when the body raises;
+* ``with lens:`` registers one forward hook per measured layer (:class:`~curvlens.hooks.Capture`)
+  and removes every hook on exit, also when the body raises;
 * ``lens.step()`` after ``loss.backward()`` is cheap: every ``every`` steps it records the top-K
   singular values of each layer's gradient and adds the captured inputs and output gradients
   to running Kronecker factors (:mod:`curvlens._recorder`, also for GradScaler loops); on the
@@ -16,17 +16,12 @@ as a context manager around training:
 
 The lens never changes what training computes: it only reads ``.grad``, its hooks only store
 detached tensors, ``analyze`` runs with the parameters' ``.grad`` set aside and restored, with
-dropout off and batch-norm per ``batch_norm`` (:func:`curvlens.measurement_mode`), its own
-capture paused, and the global random number generators forked (``torch.random.fork_rng``),
-so a seeded run with the lens gives bit-for-bit the same losses and parameters as without it.
+batch-norm per ``batch_norm`` (:func:`curvlens.measurement_mode`), its capture paused and the
+RNGs forked (``torch.random.fork_rng``): a seeded run gives bit-for-bit the same results.
 
 Running factors come from the training backward itself, i.e. the empirical (true-label)
 factors averaged over the recorded steps since the last :meth:`CurvatureLens.reset_running`;
 ``mode`` selects the factors of the fixed-batch analysis.
-
-A lens given a ``torch.compile`` wrapper measures its original module; enter ``with lens:``
-before the compiled model's first call (torch.compile ignores hooks added later; a step whose
-hooks never fired raises instead of leaving the factors silently empty).
 
 Example:
     >>> import torch
@@ -109,8 +104,7 @@ class CurvatureLens:
             0 skips Lanczos).
         analyze_options: further keyword arguments for
             :func:`curvlens.measure.analyze_model` (e.g. ``{"bootstrap": 0}``).
-        check_finite: check the recorded gradients for NaN/Inf (one host sync per recording
-            step).
+        check_finite: check the recorded gradients for NaN/Inf (one host sync per record).
         memory_budget: bytes one large allocation may take (a dense factor side, a Lanczos
             basis, a chunk of Hessian-vector-product directions): an int, a string such as
             ``"2GB"``, or ``None`` for a quarter of the available memory capped at 4 GiB (see
@@ -164,8 +158,7 @@ class CurvatureLens:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        self.compiled, self.model = is_compiled(model), unwrap_compiled(model)
-        model = self.model  # a torch.compile wrapper's original module
+        self.compiled, self.model = is_compiled(model), (model := unwrap_compiled(model))
         self.batch_norm = parse_option(BatchNormPolicy, batch_norm, "batch_norm")
         self.loss_fn = loss_fn
         self.top_k = positive_int(top_k, "top_k")
@@ -337,10 +330,9 @@ class CurvatureLens:
         """Full per-layer measurement on a fixed batch; appended to :attr:`history`.
 
         Runs :func:`curvlens.measure.analyze_model` with the lens's layers, ``top_k``,
-        ``mode``, Kronecker backend, ``batch_norm`` and options, in measurement mode, with the
-        hooks of the lens paused, the parameters' ``.grad`` set aside and restored, and the
-        global RNG state forked: training continues exactly as without it. Works inside or
-        outside ``with lens:``, under autocast, ``no_grad`` or ``inference_mode`` alike.
+        ``mode``, Kronecker backend, ``batch_norm`` and options in measurement mode (whatever the
+        caller's context), with the lens's hooks paused, ``.grad`` set aside and restored and the
+        RNG state forked: training continues exactly as without it, inside or outside the lens.
 
         Args:
             inputs: the fixed batch ``[B, ...]`` (a tensor, or a tuple for ``model(*inputs)``).
@@ -403,8 +395,7 @@ class CurvatureLens:
     def _meta(self) -> dict[str, Any]:
         return {
             "top_k": self.top_k, "every": self.every, "kronecker": self.kronecker.value,
-            "mode": self.mode.value, "batch_norm": self.batch_norm.value,
-            "compiled": self.compiled,
+            "mode": self.mode.value, "batch_norm": self.batch_norm.value, "compiled": self.compiled,
             "num_steps": self.num_steps,
             **self._recorder.meta(),
             "train_gamma": {
