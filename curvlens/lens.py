@@ -358,10 +358,9 @@ class CurvatureLens:
                           next(iter(self.layers.values())).weight.dtype, "lens.analyze")
         options: dict[str, Any] = {
             "layers": list(self.layers), "top_k": self.top_k, "kronecker_mode": self.mode.value,
-            "loss_reduction": self.loss_reduction.value,
+            "loss_reduction": self.loss_reduction.value, "batch_norm": self.batch_norm.value,
             "kronecker_backend": (None if self.kronecker is KroneckerSource.NONE
                                   else self.kronecker.value),
-            "batch_norm": self.batch_norm.value,
         }
         if self.lanczos_k is not None:
             options["lanczos_k"] = self.lanczos_k
