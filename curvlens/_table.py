@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: results.py reaches this module through report.py
+if TYPE_CHECKING:  # annotations only: results.py imports this module
     from curvlens.results import LayerReport, Report
 
 _BIC_SHORT = {"power_law": "pow", "exponential": "exp", "lognormal": "logn", "": "-"}

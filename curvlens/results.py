@@ -24,6 +24,7 @@ from curvlens._csv import write_csv
 from curvlens._io import atomic_write_text, read_json
 from curvlens._plots import write_plots
 from curvlens._schema import field_types, from_json_value
+from curvlens._table import table as _table
 
 __all__ = ["LayerReport", "Report"]
 
@@ -350,14 +351,12 @@ class Report:
         )
 
     # The contract's short forms (``report.table()``, ``report.to_json(path)``, ...). Files and
-    # figures are written by modules that read reports without importing this one, so data
-    # flows one way; the table still comes from curvlens.report (moving to its own module).
+    # figures (and the table) are written by modules that read reports without importing this
+    # one, so data flows one way.
 
     def table(self, *, width: int = 80, summary: bool = True) -> str:
         """The per-layer table (see :func:`curvlens.report.table`)."""
-        from curvlens.report import table
-
-        return table(self, width=width, summary=summary)
+        return _table(self, width=width, summary=summary)
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the report as JSON, atomically (see :func:`curvlens.report.to_json`)."""
