@@ -185,6 +185,18 @@ def gru(seed: int = 0) -> ZooCase:
     return ZooCase(GRUClassifier(), nn.CrossEntropyLoss(), x, y)
 
 
+def vit(seed: int = 0) -> ZooCase:
+    """torchvision VisionTransformer (nn.MultiheadAttention inside) on 16 x 16 images."""
+    from torchvision.models import VisionTransformer
+
+    g = _gen(seed)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                              hidden_dim=16, mlp_dim=32, num_classes=5)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    return ZooCase(model, nn.CrossEntropyLoss(), x, y)
+
+
 ZOO: dict[str, Callable[[], ZooCase]] = {
     "resnet18": resnet18,
     "encoder-post-norm-batch_first": lambda: encoder(False, True),
@@ -193,6 +205,7 @@ ZOO: dict[str, Callable[[], ZooCase]] = {
     "gpt-internal-loss": lambda: gpt(internal_loss=True),
     "lstm-lm": lstm_lm,
     "gru": gru,
+    "vit": vit,
 }
 
 
