@@ -185,6 +185,21 @@ def gru(seed: int = 0) -> ZooCase:
     return ZooCase(GRUClassifier(), nn.CrossEntropyLoss(), x, y)
 
 
+def mobilenet(seed: int = 0) -> ZooCase:
+    """torchvision MobileNetV3-small (hardswish, hardsigmoid, squeeze-excitation, batch-norm
+    momentum 0.01) at width 0.25 on 32 x 32 images, measured with batch statistics: a few steps
+    after initialization its running statistics are still far from the data, and eval-mode
+    outputs barely depend on the input (the report says so)."""
+    from torchvision.models import mobilenet_v3_small
+
+    g = _gen(seed)
+    model = mobilenet_v3_small(num_classes=5, width_mult=0.25)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    return ZooCase(model, nn.CrossEntropyLoss(), x, y,
+                   {"batch_norm": "batch", "kronecker_backend": None})
+
+
 def vit(seed: int = 0) -> ZooCase:
     """torchvision VisionTransformer (nn.MultiheadAttention inside) on 16 x 16 images."""
     from torchvision.models import VisionTransformer
@@ -206,6 +221,7 @@ ZOO: dict[str, Callable[[], ZooCase]] = {
     "lstm-lm": lstm_lm,
     "gru": gru,
     "vit": vit,
+    "mobilenet_v3_small": mobilenet,
 }
 
 
