@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._batches import FixedData, fixed_data
 from curvlens._budget import check_fits, count_that_fits, resolve_budget
 from curvlens._context import measuring, unwrap_compiled
 from curvlens._dist import batch_mean, is_distributed
@@ -36,13 +37,48 @@ __all__ = ["block_eigenvalues", "hessian_density", "hessian_trace", "model_eigen
 Layer = str | nn.Module | LayerInfo
 
 
+class _DataGraph:
+    """Gradient graphs over the fixed data: kept for a single batch, rebuilt for every product
+    over an iterable of batches (one batch's activations in memory at a time).
+
+    Attributes:
+        params: the parameters of the Hessian block.
+        layer: the matrix's :class:`LayerInfo` (``None`` for all trainable parameters).
+        batch_size: samples on this process (known after the first pass).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: FixedData,
+                 params: list[Tensor], where: str, single: GradGraph | None,
+                 layer: LayerInfo | None) -> None:
+        self.model, self.loss_fn, self.data, self.params, self.where = (
+            model, loss_fn, data, params, where)
+        self._single, self.layer = single, layer
+        self.batch_size = int(data.source[0][0].shape[0]) if data.single else 0
+
+    def mean(self, product: Callable[[GradGraph], Tensor]) -> Tensor:
+        """``sum_i w_i product(graph_i)``: the product for the mean loss over all samples."""
+        if self._single is not None:
+            return product(self._single)
+        parts = []
+        for args, targets in self.data:
+            check_batch(args, self.where)
+            with measuring(self.model, args, targets, where=self.where) as ms:
+                graph = GradGraph(ms.model, self.loss_fn, ms.inputs, ms.targets, self.params,
+                                  self.where)
+                parts.append(product(graph))
+                del graph
+        self.batch_size = self.data.total
+        return sum(w * p for w, p in zip(self.data.weights(False), parts))
+
+
 @contextmanager
 def _graph(
     model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, layer: Layer | None,
     batch_norm: BatchNormPolicy | str | None,
-) -> Iterator[tuple[GradGraph, tuple[int, ...]]]:
-    """Inside the measurement context: the gradient graph of a layer's weight (or of all
-    trainable parameters) and the shape that Ritz vectors take (``(m, n)`` or ``(P,)``)."""
+) -> Iterator[tuple[_DataGraph, tuple[int, ...]]]:
+    """Inside the measurement context: the gradient graph(s) of a layer's weight (or of all
+    trainable parameters) over the fixed data (one batch or an iterable of batches) and the
+    shape that Ritz vectors take (``(m, n)`` or ``(P,)``)."""
     model = unwrap_compiled(model)
     if layer is None:
         params = list(trainable_parameters(model).values())
@@ -54,13 +90,16 @@ def _graph(
     else:
         info, where = _layer(model, layer)
         params, shape = [info.weight], info.matrix_shape
-    args = as_tuple(inputs)
-    check_batch(args, where)
+    data = fixed_data(inputs, targets)
+    if data.single:
+        args = as_tuple(inputs)
+        check_batch(args, where)
+    else:
+        args, targets = next(iter(data))  # the context's policy; each product re-enters it
     with measuring(model, args, targets, where=where, batch_norm=batch_norm) as ms:
-        graph = GradGraph(model, loss_fn, ms.inputs, ms.targets, params, where)
-        graph.batch_size = int(args[0].shape[0])
-        graph.layer = info
-        yield graph, shape
+        single = (GradGraph(model, loss_fn, ms.inputs, ms.targets, params, where)
+                  if data.single else None)
+        yield _DataGraph(model, loss_fn, data, params, where, single, info), shape
 
 
 def _shared(generator: torch.Generator | None) -> torch.Generator | None:
@@ -70,29 +109,31 @@ def _shared(generator: torch.Generator | None) -> torch.Generator | None:
     return generator
 
 
-def _work_dtype(graph: GradGraph, dtype: torch.dtype | None) -> torch.dtype:
+def _work_dtype(graph: _DataGraph, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     return torch.float64 if any(p.dtype == torch.float64 for p in graph.params) else torch.float32
 
 
-def _matvec(graph: GradGraph) -> Callable[[Tensor], Tensor]:
+def _matvec(graph: _DataGraph) -> Callable[[Tensor], Tensor]:
     """Flat ``[dim] -> [dim]`` (and column-batched ``[dim, b] -> [dim, b]``) Hessian product."""
 
-    batch = graph.batch_size
     info = graph.layer
 
-    def hvp(rows: Tensor) -> Tensor:  # rows: [b, dim]
+    def hvp(g: GradGraph, rows: Tensor) -> Tensor:  # rows: [b, dim]
         m, n = info.matrix_shape
         D = rows.reshape(-1, m, n).to(info.weight.dtype)
-        return layer_hvp(graph, info, D).reshape(rows.shape).to(rows.dtype)
+        return layer_hvp(g, info, D).reshape(rows.shape).to(rows.dtype)
+
+    def product(g: GradGraph, x: Tensor) -> Tensor:
+        if info is None:
+            return flat_hvp(g, x) if x.dim() == 1 else flat_hvp(g, x.mT).mT
+        return hvp(g, x[None])[0] if x.dim() == 1 else hvp(g, x.mT).mT
 
     def matvec(x: Tensor) -> Tensor:
-        if info is None:
-            out = flat_hvp(graph, x) if x.dim() == 1 else flat_hvp(graph, x.mT).mT
-        else:
-            out = hvp(x[None])[0] if x.dim() == 1 else hvp(x.mT).mT
-        return batch_mean(out, batch)  # under torch.distributed: the union of the batches
+        out = graph.mean(lambda g: product(g, x))
+        # under torch.distributed: the union of the batches
+        return batch_mean(out, graph.batch_size)
 
     return matvec
 
@@ -170,7 +211,10 @@ def block_eigenvalues(
         model: the model; measured inside :func:`~curvlens.hessian.measurement_mode`
             (autocast off, dropout off, batch-norm per ``batch_norm``).
         loss_fn: ``(model(*inputs), targets) -> scalar`` mean loss.
-        inputs: the batch, a tensor or a tuple of tensors.
+        inputs: the batch, a tensor or a tuple of tensors; or a re-iterable of
+            ``(inputs, targets)`` batches (a list, a ``DataLoader``) with ``targets=None``: the
+            Hessian of the mean loss over all their samples (each product runs over every
+            batch, one batch's activations in memory at a time).
         targets: passed to ``loss_fn``.
         layer: a supported layer (name, module or ``LayerInfo``).
         k: number of eigenvalues.

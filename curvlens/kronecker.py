@@ -50,6 +50,7 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
+from curvlens._batches import fixed_data
 from curvlens._context import measuring, unwrap_compiled
 from curvlens._factor_forms import DiagonalFactor, SketchedFactor, factor_quad
 from curvlens._factor_store import FactorAccumulator, KroneckerFactors
@@ -150,7 +151,9 @@ def kronecker_factors(
     Args:
         model: the network; called as ``model(*inputs)``.
         loss_fn: ``loss_fn(output, targets)``, a mean (or sum) over the batch.
-        inputs: a tensor ``[B, ...]`` or a tuple of tensors.
+        inputs: a tensor ``[B, ...]`` or a tuple of tensors; or a re-iterable of
+            ``(inputs, targets)`` batches with ``targets=None`` (hooks backend): the statistics
+            of all their samples, summed before they are averaged.
         targets: targets ``[B, ...]``.
         mode: ``"empirical"``, ``"fisher"`` or ``"ggn"`` (module docstring).
         backend: ``"hooks"`` or ``"backpack"``.
@@ -194,22 +197,28 @@ def kronecker_factors(
     backend = parse_option(FactorBackend, backend, "backend")
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples!r}")
-    inputs = _as_tuple(inputs)
-    B = _check_batch(inputs)
+    data = fixed_data(inputs, targets)
+    if not data.single and backend is FactorBackend.BACKPACK:
+        raise ValueError("backend='backpack' measures one batch; over an iterable of batches use "
+                         "backend='hooks' (or pass one batch)")
     model = unwrap_compiled(model)
     chosen = {name: info for name, info in find_layers(model, layers, on_unsupported="skip").items()
               if info.spec is not None}
-    with measuring(model, inputs, targets, where="kronecker_factors",
-                   batch_norm=batch_norm) as ms:
-        if backend is FactorBackend.BACKPACK:
-            from curvlens._backpack import backpack_factors
+    reduction = loss_reduction(loss_fn, reduction)
+    lik = likelihood_of(loss_fn, likelihood) if mode is FactorMode.FISHER else None
+    acc = FactorAccumulator(chosen, memory_budget=memory_budget)
+    for args, batch_targets in data:  # statistics summed over the batches, averaged once
+        args = _as_tuple(args)
+        B = _check_batch(args)
+        with measuring(model, args, batch_targets, where="kronecker_factors",
+                       batch_norm=batch_norm) as ms:
+            if backend is FactorBackend.BACKPACK:
+                from curvlens._backpack import backpack_factors
 
-            return backpack_factors(model, loss_fn, ms.inputs, ms.targets, chosen, mode,
-                                    mc_samples)
-        reduction = loss_reduction(loss_fn, reduction)
-        lik = likelihood_of(loss_fn, likelihood) if mode is FactorMode.FISHER else None
-        acc = _hook_factors(model, loss_fn, ms.inputs, ms.targets, chosen, mode, generator,
-                            mc_samples, B, reduction, output, lik, memory_budget)
+                return backpack_factors(model, loss_fn, ms.inputs, ms.targets, chosen, mode,
+                                        mc_samples)
+            _hook_factors(model, loss_fn, ms.inputs, ms.targets, chosen, mode, generator,
+                          mc_samples, B, reduction, output, lik, acc)
     if distributed:
         acc.all_reduce()
     return acc.factors(skip_empty=skip_empty)
@@ -228,11 +237,10 @@ def _hook_factors(
     reduction: LossReduction,
     selector: OutputSelector,
     likelihood: Likelihood | None,
-    memory_budget: int | float | str | None = None,
+    acc: FactorAccumulator,
 ) -> FactorAccumulator:
     weights = list({id(info.weight): info.weight for info in chosen.values()}.values())
     scale = batch_scale(loss_fn, B, reduction)
-    acc = FactorAccumulator(chosen, memory_budget=memory_budget)
     with Capture(model, chosen) as cap:
         output = model(*inputs)
         if mode is FactorMode.EMPIRICAL:

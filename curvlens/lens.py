@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._batches import is_batch_iterable, one_batch
 from curvlens._budget import resolve_budget
 from curvlens._context import check_hooks_fired, is_compiled, unwrap_compiled
-from curvlens._functional_model import check_fixed_batch
 from curvlens._losses import LossReduction
 from curvlens._losses import loss_reduction as loss_reduction_of
 from curvlens._modes import BatchNormPolicy
@@ -321,8 +321,8 @@ class CurvatureLens:
     # ----------------------------------------------------------------- full analysis
     def analyze(
         self,
-        inputs: Tensor | tuple[Tensor, ...],
-        targets: Tensor,
+        inputs: Tensor | tuple[Tensor, ...] | Iterable[tuple[Any, Any]],
+        targets: Tensor | None,
         *,
         epoch: int | None = None,
         step: int | None = None,
@@ -335,8 +335,10 @@ class CurvatureLens:
         RNG state forked: training continues exactly as without it, inside or outside the lens.
 
         Args:
-            inputs: the fixed batch ``[B, ...]`` (a tensor, or a tuple for ``model(*inputs)``).
-            targets: its targets ``[B, ...]``.
+            inputs: the fixed batch ``[B, ...]`` (a tensor, or a tuple for ``model(*inputs)``),
+                or a re-iterable of ``(inputs, targets)`` batches (a list, a ``DataLoader``)
+                with ``targets=None``, measured as the mean over all their samples.
+            targets: its targets ``[B, ...]``; ``None`` for an iterable of batches.
             epoch: stored in the report.
             step: stored in the report (default: the lens's step count).
 
@@ -349,13 +351,10 @@ class CurvatureLens:
         """
         from curvlens.measure import analyze_model
 
-        inputs_t = inputs if isinstance(inputs, tuple) else (inputs,)
-        device = self._device()
-        if self.device is not None:
-            inputs_t = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs_t)
-            targets = targets.to(device) if isinstance(targets, Tensor) else targets
-        check_fixed_batch(inputs_t, targets, device,
-                          next(iter(self.layers.values())).weight.dtype, "lens.analyze")
+        device, data = self._device(), inputs
+        if not is_batch_iterable(inputs, targets):
+            data, targets = one_batch(inputs, targets, device, next(iter(
+                self.layers.values())).weight.dtype, move=self.device is not None)
         options: dict[str, Any] = {
             "layers": list(self.layers), "top_k": self.top_k, "kronecker_mode": self.mode.value,
             "loss_reduction": self.loss_reduction.value, "batch_norm": self.batch_norm.value,
@@ -374,10 +373,7 @@ class CurvatureLens:
             for p in params:
                 p.grad = None
             with torch.random.fork_rng(devices=rng_devices):
-                report = analyze_model(
-                    self.model, self.loss_fn,
-                    inputs_t if len(inputs_t) > 1 else inputs_t[0], targets, **options,
-                )
+                report = analyze_model(self.model, self.loss_fn, data, targets, **options)
         finally:
             for p, g in zip(params, saved):
                 p.grad = g

@@ -17,15 +17,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from curvlens._batches import FixedData, fixed_data
 from curvlens._budget import activation_bytes, direction_chunk, resolve_budget
 from curvlens._context import measuring
 from curvlens._dist import batch_mean
+from curvlens._fixed_gradients import (
+    half_batch_noise,
+    mean_gradients,
+    mean_over,
+    noise_norms,
+)
 from curvlens._losses import LossReduction, OutputSelector
 from curvlens._losses import loss_reduction as resolve_reduction
 from curvlens._modes import BatchNormPolicy
@@ -137,9 +144,13 @@ def analyze_model(
     lanczos_k = top_k if lanczos_k is None else lanczos_k
     if not isinstance(lanczos_k, int) or lanczos_k < 0:
         raise ValueError(f"lanczos_k must be a non-negative int, got {lanczos_k!r}")
-    args = _as_inputs(inputs)
+    data = fixed_data(inputs, targets)
+    args, targets = (_as_inputs(inputs), targets) if data.single else next(iter(data))
     batch = int(args[0].shape[0])
     reduction = resolve_reduction(loss_fn, loss_reduction)
+    if not data.single and reduction is LossReduction.SUM:
+        raise ValueError("an iterable of batches needs a loss that averages over its batch "
+                         "(loss_reduction='mean'); pass a mean loss or one batch")
     factor_options = dict(reduction=reduction, output=output, likelihood=likelihood,
                           memory_budget=memory_budget)
     raw_loss, loss_fn = loss_fn, _as_mean(loss_fn, reduction, batch)
@@ -150,13 +161,26 @@ def analyze_model(
         if not found:
             raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a "
                              "parameter with >= 2 dimensions and requires_grad=True)")
-        grads = _layer_gradients(model, loss_fn, args, targets, found)
-        noise = (_half_batch_noise(model, _as_mean(raw_loss, reduction, batch // 2), args,
-                                   targets, found) if noise_floor and batch >= 2 else {})
-        factors, missing = _factors(model, raw_loss, args, targets, found, kronecker_mode,
+        if not data.single:
+            data = FixedData(_Prepared(data, model), single=False)
+        grads = mean_gradients(model, loss_fn, data, found)
+        batch, halves = data.total, data.halves()
+        if not noise_floor or (batch < 2 and halves is None):
+            noise = {}
+        elif halves is None:  # one batch: its two halves
+            noise = half_batch_noise(model, _as_mean(raw_loss, reduction, batch // 2), args,
+                                     targets, found)
+        else:  # the first and the second half of the batches
+            noise = noise_norms(*(mean_gradients(model, loss_fn, h, found) for h in halves))
+        source = (args, targets) if data.single else (data.source, None)
+        factors, missing = _factors(model, raw_loss, *source, found, kronecker_mode,
                                     kronecker_backend, factor_options)
         notes = _measurement_notes(kronecker_mode, kronecker_backend, batch) + ms.notes
-        if not noise_floor or batch < 2:
+        if not data.single:
+            notes.append(f"fixed data: {len(data.sizes)} batches, measured as the mean over all "
+                         f"{batch} samples" + ("; noise floor from the first and the second half "
+                                               "of the batches" if noise else ""))
+        if not noise:
             notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
                                                else "needs a batch of at least 2 samples"))
         reports: dict[str, LayerReport] = {}
@@ -164,7 +188,7 @@ def analyze_model(
         act = activation_bytes(model, args)
         for name, info in progress_bar(found.items(), desc="analyze", unit="matrix",
                                        leave=False, total=len(found)):
-            measure = _MatrixRun(model, loss_fn, args, targets, info, top_k, lanczos_k, seed,
+            measure = _MatrixRun(model, loss_fn, data, source, info, top_k, lanczos_k, seed,
                                  dict(paper_compatible=paper_compatible, bootstrap=bootstrap,
                                       seed=seed), notes, budget, act)
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
@@ -185,8 +209,8 @@ class _MatrixRun:
 
     model: nn.Module
     loss_fn: Callable
-    args: tuple
-    targets: Any
+    data: FixedData
+    source: tuple
     info: LayerInfo
     top_k: int
     lanczos_k: int
@@ -215,16 +239,15 @@ class _MatrixRun:
         try:
             U, S, V = gradient_svd(G, k)
             chunk = direction_chunk(3 * self.activations + 3 * info.weight.nbytes, self.budget, k)
-            h = batch_mean(directional_curvature(self.model, self.loss_fn, self.args,
-                                                 self.targets, info, U, V, max_batch=chunk),
-                           len(self.args[0]))
+            h = mean_over(self.data, lambda a, t: batch_mean(directional_curvature(
+                self.model, self.loss_fn, a, t, info, U, V, max_batch=chunk), len(a[0])))
         except Exception as err:  # noqa: BLE001 - one matrix must not lose the report
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
                            f"layer {name!r}: measuring h_k failed ({type(err).__name__}: {err})")
         lam, ritz, lam_error = None, None, ""
         if self.lanczos_k:
             try:
-                lam, ritz = _block_top(self.model, self.loss_fn, self.args, self.targets, info,
+                lam, ritz = _block_top(self.model, self.loss_fn, *self.source, info,
                                        min(self.lanczos_k, m * n), self.seed, budget=self.budget,
                                        tol=None if G.dtype == torch.float64 else 1e-2)
             except Exception as err:  # noqa: BLE001
@@ -234,7 +257,7 @@ class _MatrixRun:
             rep = analyze_layer(
                 S, h, C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
                 U=U, V=V, lambda_top=lam, noise_norm=noise, weight=info.matrix(), **base,
-                n_samples=len(self.args[0]), ritz_vectors=ritz, **self.fit)
+                n_samples=self.data.total, ritz_vectors=ritz, **self.fit)
         except Exception as err:  # noqa: BLE001
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
                            f"layer {name!r}: analysis failed ({type(err).__name__}: {err})")
@@ -257,6 +280,19 @@ def _block_top(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any, i
     out = block_eigenvalues(model, loss_fn, args, targets, info, k, generator=gen, tol=tol,
                             memory_budget=budget, return_vectors=vectors)
     return out if vectors else (out, None)
+
+
+class _Prepared:
+    """The batches of an iterable, each entered into the measurement context (inputs made
+    ready for the measured model)."""
+
+    def __init__(self, data: FixedData, model: nn.Module) -> None:
+        self.data, self.model = data, model
+
+    def __iter__(self) -> Iterator[tuple[tuple, Any]]:
+        for args, targets in self.data:
+            with measuring(self.model, args, targets, where="analyze_model", upcast=True) as ms:
+                yield ms.inputs, ms.targets
 
 
 class _MeanLoss:
@@ -305,53 +341,6 @@ def _as_inputs(inputs: Any) -> tuple[Any, ...]:
     if args[0].shape[0] == 0:
         raise ValueError("empty batch: inputs have batch size 0; pass at least one sample")
     return args
-
-
-def _layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
-                     found: dict[str, LayerInfo], what: str = "the fixed batch"
-                     ) -> dict[str, Tensor | str]:
-    """``{name: dL/dW [m, n]}`` of the mean loss; a string (the reason) for a matrix whose
-    gradient is missing (unused) or not finite."""
-    loss = loss_fn(model(*args), targets)
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                         f"{tuple(getattr(loss, 'shape', ()))}")
-    if not bool(torch.isfinite(loss)):
-        raise RuntimeError(f"the loss on {what} is {float(loss)}; check the inputs, the "
-                           "targets and the learning rate")
-    params = list({id(i.weight): i.weight for i in found.values()}.values())
-    grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True)))
-    out: dict[str, Tensor | str] = {}
-    for name, info in found.items():
-        g = grads[id(info.weight)]
-        if g is None:
-            out[name] = (f"layer {name!r} is not used by the loss on {what}; leave it out with "
-                         "`layers=`")
-            continue
-        g = info.extract(g.to_dense() if g.is_sparse else g)  # nn.Embedding(sparse=True)
-        if not bool(torch.isfinite(g).all()):
-            out[name] = (f"layer {name!r}: the gradient on {what} has NaN or Inf entries; check "
-                         "the loss scale, the inputs and the weights")
-            continue
-        out[name] = batch_mean(g.detach(), int(args[0].shape[0]))
-    return out
-
-
-def _half_batch_noise(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
-                      found: dict[str, LayerInfo]) -> dict[str, float]:
-    """``{name: ||(G1 - G2) / 2||_2}`` for the two halves of the batch."""
-    half = int(args[0].shape[0]) // 2
-
-    def part(sl: slice) -> tuple[tuple, Any]:
-        sub = tuple(a[sl] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
-        return sub, targets[sl] if isinstance(targets, Tensor) else targets
-
-    g1 = _layer_gradients(model, loss_fn, *part(slice(0, half)), found, "the first half-batch")
-    g2 = _layer_gradients(model, loss_fn, *part(slice(half, 2 * half)), found,
-                          "the second half-batch")
-    return {name: float(torch.linalg.matrix_norm((g1[name] - g2[name]).double() / 2, ord=2))
-            for name in found
-            if isinstance(g1[name], Tensor) and isinstance(g2[name], Tensor)}
 
 
 def _factors(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,

@@ -1,0 +1,93 @@
+"""Gradients of the mean loss over the fixed data, per weight matrix, and the half-batch noise.
+
+The first pass of :func:`curvlens.measure.analyze_model`: ``dL/dW`` in each matrix view (a
+reason string instead for a matrix the loss does not reach or whose gradient is not finite),
+averaged over all samples of the fixed data (one batch or an iterable of batches, see
+:mod:`curvlens._batches`), and the noise norm ``||(G1 - G2) / 2||_2`` of two halves of the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlens._batches import FixedData
+from curvlens._dist import batch_mean
+from curvlens.layers import LayerInfo
+
+__all__ = ["mean_over", "mean_gradients", "layer_gradients", "half_batch_noise", "noise_norms"]
+
+
+def mean_over(data: FixedData, fn: Callable[[tuple, Any], Any]) -> Any:
+    """``sum_i w_i fn(args_i, targets_i)`` over the batches (``w_i = B_i / N``), for a tensor or
+    a ``{name: tensor or reason}`` result (a reason in any batch wins)."""
+    parts = [fn(args, targets) for args, targets in data]
+    weights = data.weights(False)
+    if not isinstance(parts[0], dict):
+        return sum(w * p for w, p in zip(weights, parts))
+    out = {}
+    for k in parts[0]:
+        bad = [p[k] for p in parts if not isinstance(p[k], Tensor)]
+        out[k] = bad[0] if bad else sum(w * p[k] for w, p in zip(weights, parts))
+    return out
+
+
+def mean_gradients(model: nn.Module, loss_fn: Callable, data: FixedData,
+                   found: dict[str, LayerInfo]) -> dict[str, Tensor | str]:
+    """``{name: dL/dW [m, n]}`` of the mean loss over all samples of ``data``."""
+    what = "the fixed batch" if data.single else "a batch of the fixed data"
+    return mean_over(data, lambda a, t: layer_gradients(model, loss_fn, a, t, found, what))
+
+
+def noise_norms(g1: dict[str, Tensor | str], g2: dict[str, Tensor | str]) -> dict[str, float]:
+    """``{name: ||(G1 - G2) / 2||_2}`` (float64) for the matrices with both gradients."""
+    return {name: float(torch.linalg.matrix_norm((g1[name] - g2[name]).double() / 2, ord=2))
+            for name in g1 if isinstance(g1[name], Tensor) and isinstance(g2[name], Tensor)}
+
+
+def layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+                    found: dict[str, LayerInfo], what: str = "the fixed batch"
+                    ) -> dict[str, Tensor | str]:
+    """``{name: dL/dW [m, n]}`` of the mean loss; a string (the reason) for a matrix whose
+    gradient is missing (unused) or not finite."""
+    loss = loss_fn(model(*args), targets)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                         f"{tuple(getattr(loss, 'shape', ()))}")
+    if not bool(torch.isfinite(loss)):
+        raise RuntimeError(f"the loss on {what} is {float(loss)}; check the inputs, the "
+                           "targets and the learning rate")
+    params = list({id(i.weight): i.weight for i in found.values()}.values())
+    grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True)))
+    out: dict[str, Tensor | str] = {}
+    for name, info in found.items():
+        g = grads[id(info.weight)]
+        if g is None:
+            out[name] = (f"layer {name!r} is not used by the loss on {what}; leave it out with "
+                         "`layers=`")
+            continue
+        g = info.extract(g.to_dense() if g.is_sparse else g)  # nn.Embedding(sparse=True)
+        if not bool(torch.isfinite(g).all()):
+            out[name] = (f"layer {name!r}: the gradient on {what} has NaN or Inf entries; check "
+                         "the loss scale, the inputs and the weights")
+            continue
+        out[name] = batch_mean(g.detach(), int(args[0].shape[0]))
+    return out
+
+
+def half_batch_noise(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
+                     found: dict[str, LayerInfo]) -> dict[str, float]:
+    """``{name: ||(G1 - G2) / 2||_2}`` for the two halves of the batch."""
+    half = int(args[0].shape[0]) // 2
+
+    def part(sl: slice) -> tuple[tuple, Any]:
+        sub = tuple(a[sl] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+        return sub, targets[sl] if isinstance(targets, Tensor) else targets
+
+    g1 = layer_gradients(model, loss_fn, *part(slice(0, half)), found, "the first half-batch")
+    g2 = layer_gradients(model, loss_fn, *part(slice(half, 2 * half)), found,
+                         "the second half-batch")
+    return noise_norms(g1, g2)

@@ -1,0 +1,83 @@
+"""analyze over an iterable of batches equals analyze over their concatenation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from curvlens.hessian_spectrum import block_eigenvalues
+from curvlens.kronecker import kronecker_factors
+from curvlens.measure import analyze_model
+
+DT = torch.float64
+FIELDS = ("sigma", "h", "h_kron", "lambda_top", "alpha", "gamma", "s_rayleigh", "s_lanczos",
+          "b_chi", "b_lambda_A", "noise_norm", "noise_floor", "k_kept", "alpha_above_floor",
+          "weight_alpha")
+
+
+def _case():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    x = torch.randn(48, 2, 6, 6, generator=g, dtype=DT)
+    y = torch.randint(0, 5, (48,), generator=g)
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+def _batches(x, y, n=4):
+    return [(xb, yb) for xb, yb in zip(x.chunk(n), y.chunk(n))]
+
+
+def test_analyze_over_four_batches_equals_their_concatenation():
+    model, loss_fn, x, y = _case()
+    opts = dict(top_k=4, lanczos_k=3, bootstrap=50)
+    whole = analyze_model(model, loss_fn, x, y, **opts)
+    parts = analyze_model(model, loss_fn, _batches(x, y), None, **opts)
+    assert list(parts.layers) == list(whole.layers)
+    for name, rep in whole.layers.items():
+        other = parts.layers[name]
+        for field in FIELDS:
+            a = torch.as_tensor(getattr(rep, field), dtype=DT)
+            b = torch.as_tensor(getattr(other, field), dtype=DT)
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13, equal_nan=True,
+                                       msg=f"{name} {field}")
+        assert any("4 batches" in n for n in other.notes)
+    assert math.isfinite(whole.layers["3"].alpha) and math.isfinite(whole.layers["3"].noise_norm)
+
+
+def test_factors_and_eigenvalues_over_batches_and_unequal_sizes():
+    model, loss_fn, x, y = _case()
+    batches = [(x[:5], y[:5]), (x[5:30], y[5:30]), (x[30:], y[30:])]  # 5, 25, 18 samples
+    f_all = kronecker_factors(model, loss_fn, x, y)
+    f_parts = kronecker_factors(model, loss_fn, batches, None)
+    for name, f in f_all.items():
+        torch.testing.assert_close(f_parts[name].C_A, f.C_A, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(f_parts[name].C_delta, f.C_delta, rtol=1e-12, atol=1e-15)
+        assert f_parts[name].num_samples == 48
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    lam = block_eigenvalues(model, loss_fn, x, y, "3", 4, generator=gen())
+    lam_parts = block_eigenvalues(model, loss_fn, batches, None, "3", 4, generator=gen())
+    torch.testing.assert_close(lam_parts, lam, rtol=1e-10, atol=1e-14)
+
+
+def test_one_shot_iterators_and_bad_batches_are_refused():
+    model, loss_fn, x, y = _case()
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        analyze_model(model, loss_fn, iter(_batches(x, y)), None, top_k=3)
+    with pytest.raises(ValueError, match=r"batch 0 of the fixed data"):
+        kronecker_factors(model, loss_fn, [x], None)
+
+
+def test_lens_analyze_takes_a_list_of_batches():
+    from curvlens.lens import CurvatureLens
+
+    model, loss_fn, x, y = _case()
+    lens = CurvatureLens(model, loss_fn, top_k=3, lanczos_k=0, analyze_options={"bootstrap": 0})
+    report = lens.analyze(_batches(x, y, 2), None)
+    direct = analyze_model(model, loss_fn, x, y, top_k=3, lanczos_k=0, bootstrap=0)
+    torch.testing.assert_close(torch.tensor(report.layers["5"].h),
+                               torch.tensor(direct.layers["5"].h), rtol=1e-10, atol=0)
