@@ -161,8 +161,8 @@ def analyze_model(
         if not found:
             raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a "
                              "parameter with >= 2 dimensions and requires_grad=True)")
-        if not data.single:
-            data = FixedData(_Prepared(data, model), single=False)
+        data = (fixed_data(args, targets) if data.single  # the prepared batch
+                else FixedData(_Prepared(data, model), single=False))
         grads = mean_gradients(model, loss_fn, data, found)
         batch, halves = data.total, data.halves()
         if not noise_floor or (batch < 2 and halves is None):
