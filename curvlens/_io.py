@@ -1,6 +1,7 @@
 """File reading and writing shared by the report writers and the command line.
 
-* :func:`atomic_write_text` writes a whole file or nothing: a temporary file in the target's
+* :func:`atomic_write` writes a whole file or nothing (:func:`atomic_write_text` for text; plots
+  and ``.npz`` archives go through it too): a temporary file in the target's
   directory, flushed and synced, then ``os.replace``. The result has the permissions a plain
   ``open(path, "w")`` would give (an existing file keeps its mode, a new one gets
   ``0o666 & ~umask``); a symbolic link is followed (its target is replaced, the link stays);
@@ -20,11 +21,11 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write_text", "read_json", "read_text"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json", "read_text", "save_figure"]
 
 
 class _Terminated(BaseException):
@@ -62,7 +63,21 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path`` as a :class:`Path`.
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path`` as a :class:`Path`."""
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(fh)`` on a binary file that becomes ``path`` only once ``write`` returns.
+
+    Args:
+        path: the file to create or replace.
+        write: writes the whole content to the open binary file it is given (for example
+            ``lambda fh: fig.savefig(fh, format="png")``); an error it raises leaves ``path`` as
+            it was.
+
+    Returns:
+        ``path`` as a :class:`Path`.
 
     Raises:
         IsADirectoryError: ``path`` (or what its link points to) is a directory.
@@ -83,9 +98,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
                                        dir=target.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with os.fdopen(fd, "wb") as fh:
                 os.fchmod(fh.fileno(), mode)
-                fh.write(text)
+                write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
@@ -98,6 +113,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         os.kill(os.getpid(), signal.SIGTERM)
         raise SystemExit(128 + signal.SIGTERM)  # pragma: no cover (not reached)
     return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib ``Figure`` (with a canvas attached) to ``path`` atomically, in the format
+    its suffix names (PNG when it has none)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi))
 
 
 def _remove(tmp: str | None) -> None:

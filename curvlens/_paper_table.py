@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from curvlens._io import save_figure
 from curvlens._table import (
     _exponent,
     _finite,
@@ -217,5 +218,4 @@ def paper_figure(results: dict[str, Report], path: Path) -> Path:
     ax2.set_title("transfer identity (grey x: untrusted, left out of the medians)", fontsize=9)
     ax2.legend(fontsize=7)
     Canvas(fig)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)

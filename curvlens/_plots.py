@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from curvlens._io import save_figure
+
 if TYPE_CHECKING:
     from curvlens.results import LayerReport, Report
 
@@ -50,8 +52,7 @@ def _grid(n: int, Figure: Any, title: str) -> tuple[Any, list[Any]]:
 
 def _save(fig: Any, Canvas: Any, path: Path) -> Path:
     Canvas(fig)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def _small_ticks(ax: Any) -> None:

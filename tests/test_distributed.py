@@ -54,7 +54,7 @@ def test_two_processes_equal_one_process_on_the_union(tmp_path):
                 torch.testing.assert_close(C_delta, f.C_delta, rtol=1e-10, atol=1e-14)
                 assert count == f.num_samples == x.shape[0]
             analysis = torch.load(tmp_path / f"{case}-analysis-rank{rank}.pt",
-                                  weights_only=False)
+                                  weights_only=True)
             for name, fields in single_analysis.items():
                 for field, value in fields.items():
                     torch.testing.assert_close(

@@ -322,6 +322,67 @@ def test_keyboard_interrupt_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["r.json"] and path.read_bytes() == before
 
 
+def test_failing_writer_leaves_the_old_file(tmp_path):
+    """A writer that fails half-way (a plot that cannot render, an archive that cannot be built)
+    leaves the old file byte for byte and no temporary file."""
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"old plot")
+
+    def half(fh):
+        fh.write(b"new bytes, then")
+        raise RuntimeError("render failed")
+
+    with pytest.raises(RuntimeError, match="render failed"):
+        curvlens._io.atomic_write(path, half)
+    assert os.listdir(tmp_path) == ["plot.png"] and path.read_bytes() == b"old plot"
+
+
+def test_plots_are_written_atomically(tmp_path, monkeypatch):
+    """Report plots go through the atomic writer: a figure that fails while being saved leaves the
+    previous PNG as it was; a good one replaces it with a real PNG."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    rep = _report()
+    paths = R.plot(rep, tmp_path)
+    assert paths and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    before = {p: p.read_bytes() for p in paths}
+
+    def broken(self, fh, **kwargs):
+        fh.write(b"partial")
+        raise ValueError("cannot render")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(ValueError, match="cannot render"):
+        R.plot(rep, tmp_path)
+    assert {p: p.read_bytes() for p in paths} == before
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+
+
+def test_decompress_out_is_atomic_and_named_as_written(tmp_path, capsys, monkeypatch):
+    """``spectra decompress --out`` without a suffix writes ``.npz`` (as numpy names it) and says
+    so; an archive that fails to build leaves the old one."""
+    eigs = tmp_path / "e.npy"
+    np.save(eigs, np.linalg.eigvalsh(np.cov(np.random.default_rng(0).standard_normal((50, 200)))))
+    argv = ["spectra", "decompress", str(eigs), "--n", "100", "--deg-z", "1", "--deg-m", "2",
+            "--out"]
+    assert main([*argv, str(tmp_path / "d")]) == 0
+    written = tmp_path / "d.npz"
+    assert f"wrote {written}" in capsys.readouterr().out
+    before = written.read_bytes()
+    assert np.load(written)["eigenvalues"].shape == (100,)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    code, err = _run([*argv, str(written)], capsys)
+    assert code == 2
+    _one_line_error(err, "disk full")
+    assert written.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["d.npz", "e.npy"]
+
+
 def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
     """SIGTERM while a report is being written: no hidden ``.tmp`` file is left, the old file
     is intact, and the process still ends by SIGTERM (before, the temporary file stayed)."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from curvlens._io import atomic_write_text, read_text
+from curvlens._io import atomic_write, atomic_write_text, read_text
 from curvlens.spectra.free_decompression import free_decompress
 from curvlens.spectra.weight_tails import (
     WeightTailStats,
@@ -156,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
               f"mass={out.mass:.4f}")
         print("quantiles 0/1/25/50/75/99/100%: " + " ".join(f"{v:.6g}" for v in q))
         if args.out:
-            np.savez(args.out, x=out.x, density=out.density, eigenvalues=out.eigenvalues())
-            print(f"wrote {args.out}")
+            path = args.out if args.out.endswith(".npz") else args.out + ".npz"  # as np.savez
+            atomic_write(path, lambda fh: np.savez(fh, x=out.x, density=out.density,
+                                                   eigenvalues=out.eigenvalues()))
+            print(f"wrote {path}")
         return 0
     raise ValueError(f"unknown spectra command {args.spectra_cmd!r}")
