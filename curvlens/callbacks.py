@@ -202,7 +202,10 @@ def _make_lightning_callback() -> type:
         The lens is built in ``setup`` on the LightningModule (so ``layers`` are its qualified
         names), entered at ``on_fit_start``, stepped in ``on_after_backward``, used for an
         analysis of ``fixed_batch`` at every ``on_train_epoch_end``, and closed at ``on_fit_end``
-        or on an exception. Every report's :func:`report_scalars` (``curvlens/alpha/<layer>``,
+        or on an exception. A trainer with a gradient scaler (``precision="16-mixed"``, or a
+        ``MixedPrecision`` plugin given one) hands it to the lens unless ``grad_scaler=`` is
+        given, so the lens records unscaled gradients and skips the steps the scaler skips.
+        Every report's :func:`report_scalars` (``curvlens/alpha/<layer>``,
         ``curvlens/gamma/<layer>``, ...) go to the trainer's loggers through
         ``LightningModule.log_dict`` (with a ``TensorBoardLogger``, to TensorBoard).
 
@@ -227,7 +230,11 @@ def _make_lightning_callback() -> type:
 
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             if self.lens is None:
-                self.lens = CurvatureLens(pl_module, self.loss_fn, **self.lens_kwargs)
+                kwargs = dict(self.lens_kwargs)
+                scaler = getattr(trainer.precision_plugin, "scaler", None)
+                if scaler is not None and kwargs.get("grad_scaler") is None:
+                    kwargs["grad_scaler"] = scaler  # the trainer scales the loss: unscale
+                self.lens = CurvatureLens(pl_module, self.loss_fn, **kwargs)
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             self.lens.__enter__()

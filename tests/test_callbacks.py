@@ -119,3 +119,47 @@ def test_lightning_callback_logs_exponents_through_the_trainers_tensorboard_logg
         # Lightning logs an epoch-end value at the trainer's global step (4 steps per epoch).
         _assert_logged(logged, report, 4 * (report.epoch + 1) - 1)
     assert all(math.isfinite(v) for series in logged.values() for _, v in series)
+
+
+def test_lightning_callback_takes_the_trainers_grad_scaler():
+    """Under a 16-bit mixed-precision trainer the loss is scaled by the trainer's GradScaler: the
+    callback hands that scaler to the lens, so the recorded spectra equal the singular values of
+    the unscaled gradient (before, they were ``scale`` times too large: 65536x here)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from curvlens.callbacks import LightningLensCallback
+
+    seen: list[torch.Tensor] = []
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def on_after_backward(self):  # runs after the callbacks' hook, on the same gradients
+            scale = self.trainer.precision_plugin.scaler.get_scale()
+            seen.append(torch.linalg.svdvals(self.net[0].weight.grad.double() / scale))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    cb = LightningLensCallback(nn.CrossEntropyLoss(), None, top_k=3, every=1)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Module(), loader)
+    assert cb.lens._recorder.grad_scaler is scaler
+    got = [s for _, s in cb.lens.gradient_spectra["net.0"]]
+    assert len(got) == len(seen) == 4
+    for a, b in zip(got, seen, strict=True):
+        torch.testing.assert_close(a.double(), b[: a.numel()], rtol=1e-4, atol=1e-9)
