@@ -21,6 +21,28 @@ from curvlens.lens import CurvatureLens
 from curvlens.results import LayerReport, Report
 
 
+class _LitMLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _data() -> tuple:
+    """32 seeded samples and a loader of 4 batches of 8."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    return x, y, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
 def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
@@ -88,30 +110,14 @@ def test_lens_callback_uses_the_callers_writer_and_leaves_it_open(tmp_path):
 def test_lightning_callback_logs_exponents_through_the_trainers_tensorboard_logger(tmp_path):
     from curvlens.callbacks import LightningLensCallback
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    torch.manual_seed(0)
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    x, y, loader = _data()
     cb = LightningLensCallback(nn.CrossEntropyLoss(), (x, y), top_k=3, every=1, lanczos_k=0,
                                analyze_options={"bootstrap": 0})
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="run", version=0)
     trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=logger, enable_checkpointing=False,
                          log_every_n_steps=1,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Module(), loader)
+    trainer.fit(_LitMLP(), loader)
     logger.finalize("success")
     logged = _scalars(logger.log_dir)
     assert len(cb.lens.history) == 2
@@ -131,27 +137,12 @@ def test_lightning_callback_takes_the_trainers_grad_scaler():
 
     seen: list[torch.Tensor] = []
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
+    class Module(_LitMLP):
         def on_after_backward(self):  # runs after the callbacks' hook, on the same gradients
             scale = self.trainer.precision_plugin.scaler.get_scale()
             seen.append(torch.linalg.svdvals(self.net[0].weight.grad.double() / scale))
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    torch.manual_seed(0)
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    _, _, loader = _data()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     cb = LightningLensCallback(nn.CrossEntropyLoss(), None, top_k=3, every=1)
     trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
@@ -163,3 +154,20 @@ def test_lightning_callback_takes_the_trainers_grad_scaler():
     assert len(got) == len(seen) == 4
     for a, b in zip(got, seen, strict=True):
         torch.testing.assert_close(a.double(), b[: a.numel()], rtol=1e-4, atol=1e-9)
+
+
+def test_lightning_callback_steps_analyzes_and_removes_its_hooks():
+    """8 steps (2 epochs of 4 batches), one report per epoch, and no hook left on the module."""
+    from curvlens.callbacks import LightningLensCallback
+
+    x, y, loader = _data()
+    cb = LightningLensCallback(nn.CrossEntropyLoss(), (x, y), top_k=3, every=2, lanczos_k=0,
+                               analyze_options={"bootstrap": 0})
+    module = _LitMLP()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert cb.lens.num_steps == 8 and len(cb.lens.history) == 2
+    assert cb.lens.history[-1].layers["net.0"].top_k == 3
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in module.modules()) == 0

@@ -317,40 +317,6 @@ def test_lens_callback_drives_the_lens(tmp_path):
         LensCallback(model)
 
 
-def test_lightning_callback():
-    pl = pytest.importorskip(
-        "lightning.pytorch",
-        reason="PyTorch Lightning is an optional extra (pip install curvlens[lightning])",
-    )
-    from curvlens.callbacks import LightningLensCallback
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    torch.manual_seed(0)
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    cb = LightningLensCallback(nn.CrossEntropyLoss(), (x, y), top_k=3, every=2, lanczos_k=0,
-                               analyze_options={"bootstrap": 0})
-    module = Module()
-    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, loader)
-    assert cb.lens.num_steps == 8 and len(cb.lens.history) == 2
-    assert _hook_count(module) == 0
-
-
 def test_half_precision_model_records_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
