@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Interval", "student_t_quantile"]
+from curvlens.trust import TrustPolicy
+
+__all__ = ["Interval", "check_interval_options", "student_t_quantile"]
 
 _NAN = float("nan")
 
@@ -112,3 +114,20 @@ def _bootstrap_slopes(lx: Tensor, ly: Tensor, bootstrap: int, seed: int) -> Tens
     # A resample whose x values are (numerically) all equal has no slope.
     degenerate = sxx <= 1e-12 * (lx - lx.mean()).square().sum()
     return torch.where(degenerate, torch.full_like(slopes, _NAN), slopes)
+
+
+def check_interval_options(interval: Interval | str, level: float, trust: TrustPolicy | None = None
+                           ) -> Interval:
+    """``interval`` as an :class:`Interval`, after checking it, ``level`` and ``trust`` (a
+    :class:`~curvlens.trust.TrustPolicy` or ``None``) once, before any matrix is measured."""
+    try:
+        interval = Interval(interval)
+    except ValueError:
+        raise ValueError(f"interval must be one of {[i.value for i in Interval]}, got "
+                         f"{interval!r}") from None
+    if not (isinstance(level, (int, float)) and 0.0 < level < 1.0):
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if trust is not None and not isinstance(trust, TrustPolicy):
+        raise ValueError(f"trust must be a curvlens.trust.TrustPolicy or None, got "
+                         f"{type(trust).__name__}")
+    return interval

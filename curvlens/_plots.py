@@ -154,10 +154,14 @@ def _alpha_by_layer(report: Report, Figure: Any, Canvas: Any, path: Path) -> Pat
         err = np.vstack([alpha - lo, hi - alpha])[:, has_ci].clip(min=0)
         ax.errorbar(x[has_ci], alpha[has_ci], yerr=err, fmt="none", ecolor="k", capsize=3,
                     label=f"{level:.0f}% interval")
-    if not ok.all():
-        ax.bar([], [], color="0.85", hatch="//", label=f"untrusted ({int((~ok).sum())})")
-    if has_ci.any() or not ok.all():
-        ax.legend(fontsize=7)
+    handles, _ = ax.get_legend_handles_labels()
+    if not ok.all():  # a proxy: an empty bar container has no patch to draw a swatch from
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="0.85", hatch="//", edgecolor="0.3", linewidth=0,
+                             label=f"untrusted ({int((~ok).sum())})"))
+    if handles:
+        ax.legend(handles=handles, fontsize=7)
     ax.axhline(2.0, color="0.5", lw=0.8, ls=":")
     ax.set_xticks(x, names, rotation=45 if len(names) > 5 else 0, ha="right", fontsize=7)
     ax.set_ylabel("alpha")

@@ -33,6 +33,7 @@ from curvlens._fixed_gradients import (
     mean_over,
     noise_norms,
 )
+from curvlens._intervals import Interval, check_interval_options
 from curvlens._losses import LossReduction, OutputSelector
 from curvlens._losses import loss_reduction as resolve_reduction
 from curvlens._modes import BatchNormPolicy
@@ -44,6 +45,7 @@ from curvlens.kronecker import KroneckerFactors, kronecker_factors
 from curvlens.layers import LayerInfo, find_layers
 from curvlens.linalg.svd import gradient_svd
 from curvlens.results import LayerReport, Report
+from curvlens.trust import TrustPolicy
 
 __all__ = ["analyze_model"]
 
@@ -67,6 +69,9 @@ def analyze_model(
     paper_compatible: bool = False,
     bootstrap: int = 2000,
     seed: int = 0,
+    interval: Interval | str = Interval.STUDENTIZED,
+    level: float = 0.95,
+    trust: TrustPolicy | None = None,
     epoch: int | None = None,
     step: int | None = None,
     meta: dict[str, Any] | None = None,
@@ -106,7 +111,9 @@ def analyze_model(
             the factors (no ``h_kron``, no alpha budget; the report says so).
         lanczos_k: number of top block eigenvalues (default ``top_k``; 0 skips Lanczos).
         noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
-        paper_compatible, bootstrap, seed: passed to :func:`analyze_layer`.
+        paper_compatible, bootstrap, seed, interval, level, trust: passed to
+            :func:`analyze_layer` (the interval method and level of every ``*_ci``, the
+            thresholds of the trust flags).
         epoch, step, meta: stored in the :class:`Report`.
         loss_reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` combines the batch (default:
             read off a torch loss module, else a mean). A sum is measured as the mean it is
@@ -142,6 +149,7 @@ def analyze_model(
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     lanczos_k = top_k if lanczos_k is None else lanczos_k
+    interval = check_interval_options(interval, level, trust)
     if not isinstance(lanczos_k, int) or lanczos_k < 0:
         raise ValueError(f"lanczos_k must be a non-negative int, got {lanczos_k!r}")
     data = fixed_data(inputs, targets)
@@ -190,7 +198,8 @@ def analyze_model(
                                        leave=False, total=len(found)):
             measure = _MatrixRun(model, loss_fn, data, source, info, top_k, lanczos_k, seed,
                                  dict(paper_compatible=paper_compatible, bootstrap=bootstrap,
-                                      seed=seed), notes, budget, act)
+                                      seed=seed, interval=interval, level=level, trust=trust),
+                                 notes, budget, act)
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
                                     missing.get(name))
     ms.warn(reports.values())
@@ -198,7 +207,7 @@ def analyze_model(
             "loss_reduction": reduction.value,
             "kronecker_backend": str(kronecker_backend), "batch_size": batch,
             "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed,
-            "interval": "studentized", "ci_level": 0.95,
+            "interval": interval.value, "ci_level": level,
             "batch_norm": ms.policy.value}
     return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
 

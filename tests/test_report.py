@@ -217,3 +217,31 @@ def test_plots_are_png(tmp_path):
     assert "alpha_over_epochs.png" not in {p.name for p in single}
     with pytest.raises(ValueError, match="no layers"):
         R.plot(Report(), tmp_path / "empty")
+
+
+def test_untrusted_legend_swatch_looks_like_the_untrusted_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from curvlens._plots import _alpha_by_layer, _mpl
+
+    made = []
+
+    class Recording(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    rep = _report()
+    rep.layers["head"].trust_flags = {"alpha": "noise_floor"}
+    _alpha_by_layer(rep, Recording, _mpl()[1], tmp_path / "a.png")
+    ax = made[0].axes[0]
+    bars = {t.get_text(): p for t, p in zip(ax.get_xticklabels(), ax.patches)}
+    untrusted = [p for name, p in bars.items() if name == "head"][0]
+    legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(),
+                                               ax.get_legend().legend_handles)}
+    swatch = legend["untrusted (1)"]
+    assert swatch.get_hatch() == untrusted.get_hatch() == "//"
+    assert swatch.get_facecolor() == untrusted.get_facecolor()
+    trusted = bars["features.0"]
+    assert trusted.get_hatch() is None and trusted.get_facecolor() != untrusted.get_facecolor()
