@@ -30,6 +30,8 @@ class _Zoo(nn.Module):
         self.conv = nn.Conv2d(1, 6, 3)
         self.fused = _Attention(6, fused=True)
         self.split = _Attention(6, fused=False)
+        self.mha = nn.MultiheadAttention(6, 2)  # packed in_proj_weight [18, 6]
+        self.mha_kv = nn.MultiheadAttention(6, 2, kdim=4, vdim=4)  # separate q/k/v weights
         self.mlp = nn.Linear(6, 12)
         self.proj = nn.Linear(12, 6)  # an "out" name without q/k/v siblings: hidden
         self.norm = nn.LayerNorm(6)
@@ -46,6 +48,13 @@ EXPECTED = {
     "split.k_proj.weight": (Role.ATTN_K, True, 1),
     "split.v_proj.weight": (Role.ATTN_V, True, 1),
     "split.out_proj.weight": (Role.ATTN_OUT, True, 1),
+    "mha.in_proj_weight": (Role.ATTN_QKV, True, 3),
+    "mha.in_proj_bias": (Role.VECTOR, False, 1),
+    "mha.out_proj.weight": (Role.ATTN_OUT, True, 1),
+    "mha_kv.q_proj_weight": (Role.ATTN_Q, True, 1),
+    "mha_kv.k_proj_weight": (Role.ATTN_K, True, 1),
+    "mha_kv.v_proj_weight": (Role.ATTN_V, True, 1),
+    "mha_kv.out_proj.weight": (Role.ATTN_OUT, True, 1),
     "mlp.weight": (Role.HIDDEN, True, 1),
     "proj.weight": (Role.HIDDEN, True, 1),
     "norm.weight": (Role.VECTOR, False, 1),
@@ -79,11 +88,13 @@ def test_optimizer_groups_follow_the_policy():
                 blocks, "relative", 0.2, 2.0), name
 
 
-def test_fused_qkv_is_updated_as_three_blocks():
-    """The first step on a fused q-k-v matrix is the transform of each [d, n] block."""
+@pytest.mark.parametrize("param", ["fused.qkv.weight", "mha.in_proj_weight"])
+def test_fused_qkv_is_updated_as_three_blocks(param):
+    """The first step on a fused q-k-v matrix (a Linear named ``qkv``, or
+    ``nn.MultiheadAttention``'s packed ``in_proj_weight``) is the transform of each [d, n] block."""
     torch.manual_seed(0)
     net = _Zoo().double()
-    W = net.fused.qkv.weight
+    W = net.get_parameter(param)
     before = W.detach().clone()
     opt = SpectralNewton(net, lr=0.1, weight_decay=0.0, rms_scale=False)
     for p in net.parameters():

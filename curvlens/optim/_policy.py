@@ -12,6 +12,7 @@ conv (``weight.flatten(1)``)        spectral   2       1        convolutions mea
 hidden linear                       spectral   2       1        Gauss-Newton regime, ``alpha ~ 2``
 attention q / k / v / out           spectral   2       1        as hidden linear layers
 fused q-k-v (``qkv``, ``c_attn``)   spectral   2       3        three blocks with their own spectra
+``MultiheadAttention.in_proj``      spectral   2       3        its packed q, k, v row blocks
 embedding, head, 1-D, other         AdamW      --      --       not a hidden linear map (as Muon)
 ==================================  =========  ======  =======  ====================================
 
@@ -137,6 +138,8 @@ def roles(model: nn.Module) -> dict[str, Role]:
         parent, _, leaf = name.rpartition(".")
         children.setdefault(parent, set()).add(leaf.lower())
     embeddings = {id(i.weight) for i in layers.values() if i.kind is LayerKind.EMBEDDING}
+    # a module with attention-kind matrices (nn.MultiheadAttention): its linear slot is the output
+    attention_modules = {id(i.module) for i in layers.values() if i.kind is LayerKind.ATTENTION}
     by_weight: dict[int, Role] = {}
     for name, info in layers.items():
         if info.kind is LayerKind.CONV:
@@ -145,6 +148,11 @@ def roles(model: nn.Module) -> dict[str, Role]:
             role = Role.EMBEDDING
         elif info.kind is LayerKind.HEAD:
             role = Role.HEAD
+        elif info.kind is LayerKind.ATTENTION:  # row blocks of one packed matrix, or q/k/v alone
+            role = Role.ATTN_QKV if info.rows is not None else _attention_role(
+                info.param.removesuffix("_weight"), set()) or Role.HIDDEN
+        elif id(info.module) in attention_modules:
+            role = Role.ATTN_OUT
         else:
             siblings = children.get(name.rpartition(".")[0], set())
             role = _attention_role(name, siblings) or Role.HIDDEN
@@ -224,10 +232,12 @@ def split_parameters(
     """Route a model's trainable parameters to the spectral update or to AdamW, by name.
 
     Spectral: the ``weight`` of every hidden ``nn.Linear`` / ``nn.Conv{1,2,3}d`` (and any registered
-    layer of kind linear/conv) found by :func:`curvlens.layers.find_layers`; conv weights are
-    updated as their ``weight.flatten(1)`` matrix. AdamW: everything else -- biases, norm weights,
-    embeddings (also when tied to a head), unsupported modules' parameters, the output head (the
-    model's last Linear) unless ``head_to_adamw=False``, and whatever ``extra_adamw`` names.
+    layer of kind linear/conv/attention) found by :func:`curvlens.layers.find_layers`; conv weights
+    are updated as their ``weight.flatten(1)`` matrix; ``nn.MultiheadAttention``'s packed
+    ``in_proj_weight`` as its three q, k, v row blocks (the optimizer's ``blocks=3``). AdamW:
+    everything else -- biases, norm weights, embeddings (also when tied to a head), unsupported
+    modules' parameters, the output head (the model's last Linear) unless ``head_to_adamw=False``,
+    and whatever ``extra_adamw`` names.
     Frozen parameters (``requires_grad=False``) are left out of both.
 
     Args:
@@ -257,7 +267,7 @@ def split_parameters(
             f"extra_adamw names {sorted(unknown)} are neither modules nor parameters of the model"
         )
     layers = find_layers(model, on_unsupported="skip")
-    eligible = {LayerKind.LINEAR, LayerKind.CONV}
+    eligible = {LayerKind.LINEAR, LayerKind.CONV, LayerKind.ATTENTION}
     if not head_to_adamw:
         eligible.add(LayerKind.HEAD)
     spectral_ids = {
