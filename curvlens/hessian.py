@@ -298,21 +298,22 @@ def directional_curvature(
     _check_max_batch(max_batch)
     args = as_tuple(inputs)
     check_batch(args, where)
-    D = torch.einsum("mk,nk->kmn", U, V)  # [k, m, n]
+    step = max_batch or max(1, U.shape[1])  # directions [c, m, n] built a chunk at a time
+    chunks = [(U[:, i:i + step], V[:, i:i + step]) for i in range(0, U.shape[1], step)]
     with measuring(model, args, targets, where=where, batch_norm=batch_norm) as ms:
         args, targets = ms.inputs, ms.targets
         if method is not CurvatureMethod.HVP:
             try:
-                return _curvature_forward(model, loss_fn, args, targets, info, D, where,
-                                          max_batch)
+                return _curvature_forward(model, loss_fn, args, targets, info, chunks, where)
             except (RuntimeError, NotImplementedError) as err:
                 if method is CurvatureMethod.FORWARD:
                     explained = explain_autograd_error(err, where)
                     if explained is None:
                         raise
                     raise explained from err
-        HD = block_hvp(model, loss_fn, args, targets, info, D, max_batch=max_batch)
-        return (D * HD).sum((1, 2))
+        graph = GradGraph(model, loss_fn, args, targets, [w], where)
+        return torch.cat([(D * layer_hvp(graph, info, D)).sum((1, 2)) for D in (
+            torch.einsum("mk,nk->kmn", u, v) for u, v in chunks)] or [U.new_zeros(0)])
 
 
 def _curvature_forward(
@@ -321,11 +322,11 @@ def _curvature_forward(
     args: tuple[Any, ...],
     targets: Any,
     info: LayerInfo,
-    D: Tensor,
+    chunks: list[tuple[Tensor, Tensor]],
     where: str,
-    max_batch: int | None,
 ) -> Tensor:
-    """``d^2/dt^2 L(W + t D_k)`` at ``t = 0`` by jvp-of-jvp, vmapped over ``k``."""
+    """``d^2/dt^2 L(W + t D_k)`` at ``t = 0`` by jvp-of-jvp, vmapped over each chunk of
+    directions ``D_k = u_k v_k^T``."""
     w = info.weight
     name = param_name(model, w, where)
     with torch.no_grad(), no_fused_attention():
@@ -348,10 +349,9 @@ def _curvature_forward(
 
             return jvp(first, (w0,), (d,))[1]
 
-        if D.shape[0] == 0:
-            return D.new_zeros(0)
-        Dw = info.embed(D)  # [k, *weight.shape]: a row block sits in its rows
-        return vmap(second, chunk_size=max_batch)(Dw).reshape(-1)
+        # [c, *weight.shape]: a row block sits in its rows
+        return torch.cat([vmap(second)(info.embed(torch.einsum("mk,nk->kmn", u, v))).reshape(-1)
+                          for u, v in chunks] or [w.new_zeros(0)])
 
 
 def model_hvp(

@@ -14,44 +14,32 @@ error (op and matrix named) in ``nan_reasons`` and ``warnings``; the others are 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from curvlens._batches import FixedData, fixed_data
-from curvlens._budget import activation_bytes, direction_chunk, resolve_budget
+from curvlens._budget import activation_bytes, resolve_budget
 from curvlens._context import measuring
-from curvlens._dist import batch_mean
 from curvlens._fixed_gradients import (
     half_batch_noise,
     mean_gradients,
-    mean_over,
     noise_norms,
 )
 from curvlens._intervals import Interval, check_interval_options
 from curvlens._losses import LossReduction, OutputSelector
 from curvlens._losses import loss_reduction as resolve_reduction
+from curvlens._matrix_run import MatrixRun, shared_graph
 from curvlens._modes import BatchNormPolicy
 from curvlens._progress import progress_bar
-from curvlens.analysis import analyze_layer
-from curvlens.hessian import directional_curvature
-from curvlens.hessian_spectrum import block_eigenvalues
 from curvlens.kronecker import KroneckerFactors, kronecker_factors
 from curvlens.layers import LayerInfo, find_layers
-from curvlens.linalg.svd import gradient_svd
 from curvlens.results import LayerReport, Report
 from curvlens.trust import TrustPolicy
 
 __all__ = ["analyze_model"]
 
-_BUDGET = ("b_chi", "b_rho_delta", "b_rho_A", "b_lambda_delta", "b_lambda_A", "beta", "phi")
-_LANCZOS = ("s_lanczos", "s_lanczos_r2", "s_lanczos_ci", "transfer_error_lanczos",
-            "pr_lambda", "zeta_bound_lanczos")
 
 
 def analyze_model(
@@ -65,6 +53,7 @@ def analyze_model(
     kronecker_mode: str = "empirical",
     kronecker_backend: str | None = "hooks",
     lanczos_k: int | None = None,
+    lanczos_tol: float | None = None,
     noise_floor: bool = True,
     paper_compatible: bool = False,
     bootstrap: int = 2000,
@@ -110,6 +99,11 @@ def analyze_model(
             ``"hooks"`` or ``"backpack"`` (see :mod:`curvlens.kronecker`), or ``None`` to skip
             the factors (no ``h_kron``, no alpha budget; the report says so).
         lanczos_k: number of top block eigenvalues (default ``top_k``; 0 skips Lanczos).
+        lanczos_tol: Lanczos stops when every wanted Ritz pair's residual is at most this
+            times its eigenvalue (default ``1e-2`` for float32 weights, which bounds each
+            eigenvalue's relative error by ``1e-2`` and leaves it near ``1e-4`` in practice,
+            well below what the log-log fit of ``s_lanczos`` resolves; ``sqrt(eps)`` for
+            float64). Smaller values buy accuracy with more Hessian-vector products.
         noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
         paper_compatible, bootstrap, seed, interval, level, trust: passed to
             :func:`analyze_layer` (the interval method and level of every ``*_ci``, the
@@ -124,8 +118,8 @@ def analyze_model(
         memory_budget: bytes one large allocation may take (a dense factor side, a Lanczos
             basis, a chunk of ``h_k`` directions; see :class:`curvlens.CurvatureLens`). An
             allocation that cannot fit is refused by name and that matrix's fields are NaN
-            with the reason. Lanczos stops at a relative residual of ``1e-2`` for float32
-            weights (eigenvalues to about ``1e-4``), ``sqrt(eps)`` for float64.
+            with the reason. On one batch whose gradient graph fits (about three times the
+            activations), one graph over all measured weights serves every matrix.
         batch_norm: ``"eval"`` (running statistics; outputs nearly the same for every sample
             add a warning naming the worst-fitting batch-norm layer) or ``"batch"`` (the batch's
             statistics, running statistics untouched); see :class:`curvlens.BatchNormPolicy`.
@@ -152,6 +146,9 @@ def analyze_model(
     interval = check_interval_options(interval, level, trust)
     if not isinstance(lanczos_k, int) or lanczos_k < 0:
         raise ValueError(f"lanczos_k must be a non-negative int, got {lanczos_k!r}")
+    if lanczos_tol is not None and not (isinstance(lanczos_tol, (int, float))
+                                        and 0 < lanczos_tol < 1):
+        raise ValueError(f"lanczos_tol must be None or a number in (0, 1), got {lanczos_tol!r}")
     data = fixed_data(inputs, targets)
     args, targets = (_as_inputs(inputs), targets) if data.single else next(iter(data))
     batch = int(args[0].shape[0])
@@ -194,14 +191,17 @@ def analyze_model(
         reports: dict[str, LayerReport] = {}
         budget = resolve_budget(memory_budget, args[0].device)
         act = activation_bytes(model, args)
+        graph = (shared_graph(model, loss_fn, args, targets, found, budget, act)
+                 if data.single else None)
+        fit = dict(paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
+                   interval=interval, level=level, trust=trust)
         for name, info in progress_bar(found.items(), desc="analyze", unit="matrix",
                                        leave=False, total=len(found)):
-            measure = _MatrixRun(model, loss_fn, data, source, info, top_k, lanczos_k, seed,
-                                 dict(paper_compatible=paper_compatible, bootstrap=bootstrap,
-                                      seed=seed, interval=interval, level=level, trust=trust),
-                                 notes, budget, act)
+            measure = MatrixRun(model, loss_fn, data, source, info, top_k, lanczos_k, seed, fit,
+                                notes, budget, act, graph, lanczos_tol)
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
                                     missing.get(name))
+        del graph
     ms.warn(reports.values())
     info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
             "loss_reduction": reduction.value,
@@ -210,85 +210,6 @@ def analyze_model(
             "interval": interval.value, "ci_level": level,
             "batch_norm": ms.policy.value}
     return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
-
-
-@dataclasses.dataclass
-class _MatrixRun:
-    """One matrix's measurement, failures turned into explained NaN fields."""
-
-    model: nn.Module
-    loss_fn: Callable
-    data: FixedData
-    source: tuple
-    info: LayerInfo
-    top_k: int
-    lanczos_k: int
-    seed: int
-    fit: dict
-    notes: list[str]
-    budget: int
-    activations: int
-
-    def __call__(self, G: Tensor | str, noise: float | None, f: KroneckerFactors | None,
-                 no_factors: str | None) -> LayerReport:
-        info, name = self.info, self.info.name
-        m, n = info.matrix_shape
-        k = min(self.top_k, m, n)
-        notes = self.notes + ([] if k == self.top_k
-                              else [f"top_k={self.top_k} clipped to min(m, n) = {k}"])
-        base = dict(name=name, shape=(m, n), kind=info.kind.value, notes=notes)
-        if isinstance(G, str):
-            return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base), G)
-        if not bool(G.any()):
-            warnings.warn(f"layer {name!r}: the gradient on the fixed batch is exactly zero; "
-                          "its report is NaN", stacklevel=3)
-            rep = analyze_layer(torch.zeros(k), torch.zeros(k), **base)
-            rep.aliases = list(info.aliases)
-            return rep
-        try:
-            U, S, V = gradient_svd(G, k)
-            chunk = direction_chunk(3 * self.activations + 3 * info.weight.nbytes, self.budget, k)
-            h = mean_over(self.data, lambda a, t: batch_mean(directional_curvature(
-                self.model, self.loss_fn, a, t, info, U, V, max_batch=chunk), len(a[0])))
-        except Exception as err:  # noqa: BLE001 - one matrix must not lose the report
-            return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
-                           f"layer {name!r}: measuring h_k failed ({type(err).__name__}: {err})")
-        lam, ritz, lam_error = None, None, ""
-        if self.lanczos_k:
-            try:
-                lam, ritz = _block_top(self.model, self.loss_fn, *self.source, info,
-                                       min(self.lanczos_k, m * n), self.seed, budget=self.budget,
-                                       tol=None if G.dtype == torch.float64 else 1e-2)
-            except Exception as err:  # noqa: BLE001
-                lam_error = (f"layer {name!r}: Lanczos on the Hessian block failed "
-                             f"({type(err).__name__}: {err})")
-        try:
-            rep = analyze_layer(
-                S, h, C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
-                U=U, V=V, lambda_top=lam, noise_norm=noise, weight=info.matrix(), **base,
-                n_samples=self.data.total, ritz_vectors=ritz, **self.fit)
-        except Exception as err:  # noqa: BLE001
-            return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
-                           f"layer {name!r}: analysis failed ({type(err).__name__}: {err})")
-        rep.aliases = list(info.aliases)
-        if lam_error:
-            _explain(rep, _LANCZOS, lam_error)
-        if no_factors and f is None:
-            _explain(rep, _BUDGET, f"no Kronecker factors: {no_factors}")
-        return rep
-
-
-def _block_top(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any, info: LayerInfo,
-               k: int, seed: int, *, budget: Any = None, tol: float | None = None
-               ) -> tuple[Tensor, Tensor | None]:
-    """Top-``k`` block eigenvalues and, when ``k`` of them fit in the memory budget, their
-    vectors for the alignment score."""
-    m, n = info.matrix_shape
-    gen = torch.Generator(info.weight.device).manual_seed(seed)
-    vectors = k * m * n * info.weight.element_size() <= resolve_budget(budget, info.weight.device)
-    out = block_eigenvalues(model, loss_fn, args, targets, info, k, generator=gen, tol=tol,
-                            memory_budget=budget, return_vectors=vectors)
-    return out if vectors else (out, None)
 
 
 class _Prepared:
@@ -318,28 +239,6 @@ class _MeanLoss:
 
 def _as_mean(loss_fn: Callable, reduction: LossReduction, batch: int) -> Callable:
     return _MeanLoss(loss_fn, batch) if reduction is LossReduction.SUM else loss_fn
-
-
-def _explain(rep: LayerReport, fields: Sequence[str], reason: str) -> None:
-    """Give ``fields`` (those NaN) ``reason`` and add it to the warnings once."""
-    scalars = rep.scalar_fields()
-    hit = [f for f in fields if any(math.isnan(v) for k, v in scalars.items()
-                                    if k.split("[")[0] == f)]
-    if not hit:
-        return
-    old = {rep.nan_reasons.get(f) for f in hit} - {None}
-    for f in hit:
-        rep.nan_reasons[f] = reason
-    rep.warnings = [w for w in rep.warnings if not any(w.endswith(f"NaN, {o}") for o in old)]
-    rep.warnings.append(f"{', '.join(hit)}: NaN, {reason}")
-
-
-def _failed(rep: LayerReport, reason: str) -> LayerReport:
-    """``rep`` with every number NaN and ``reason`` as the explanation."""
-    warnings.warn(reason, stacklevel=4)
-    rep.nan_reasons = {k.split("[")[0]: reason for k in rep.scalar_fields()}
-    rep.warnings = [reason]
-    return rep
 
 
 def _as_inputs(inputs: Any) -> tuple[Any, ...]:
