@@ -11,20 +11,27 @@ Protocol (CPU, one thread per run, float32, ``--jobs`` processes):
   as ``digits``, batch 64.
 * Methods. ``adamw``: ``torch.optim.AdamW`` on every parameter (weight decay 0.01). ``muon``:
   ``torch.optim.Muon`` (Nesterov 0.95, weight decay 0.01, its default lr adjustment) on the hidden
-  Linear/Conv weights -- conv weights through 2-D views that share storage -- and AdamW
-  (lr ``COMPANION_LR``, as Muon's authors pair it) on the rest, routed by
-  ``curvlens.optim.split_parameters``. ``sn``: ``curvlens.optim.SpectralNewton(model, lr=lr)``:
-  the default policy, nothing else set (its AdamW part uses the same lr).
+  Linear/Conv weights -- conv weights through 2-D views that share storage -- and AdamW on the
+  rest, routed by ``curvlens.optim.split_parameters``, at the learning rate AdamW's own sweep chose
+  on the task (what a user who has tuned AdamW would pair it with; a fixed ``3e-3`` had left
+  Muon's embeddings and head under-trained on the character transformer). ``sn``:
+  ``curvlens.optim.SpectralNewton(model, lr=lr)``: the default policy, nothing else set (its
+  AdamW part uses the same lr).
 * Learning rates: every method gets a grid of ``GRID_SIZE`` values (factor ~3 apart, centred by
-  pilot runs) per task; seed 0 trains at each, the lr with the lowest final validation loss is
-  kept, and seeds 1 and 2 train at it (seed 0's run is reused). Test metrics are never used for
-  selection. A best lr at a grid edge is flagged in the log.
+  pilot runs so that no method's best value lies at an edge) per task; seed 0 trains at each, the
+  lr with the lowest final validation loss is kept, and seeds 1 and 2 train at it (seed 0's run is
+  reused). AdamW's sweep runs first (Muon's companion needs its lr). Test metrics are never used
+  for selection. A best lr at a grid edge is flagged in the log.
+* Schedule: constant learning rates (the protocol of record); ``--schedule cosine`` decays every
+  method's learning rates to zero over the run instead (then the grids need re-centring).
+  ``--epochs F`` runs a fraction ``F`` of each task's epochs.
 * Metrics: final test loss and accuracy (mean and min-max over seeds); the first epoch at which
   each run's training loss (whole digits training set; chars: two fixed batches) reaches AdamW's
   mean final training loss; mean optimizer-step and epoch times.
 
 Usage: ``python benchmarks/bench_optim.py [--quick] [--task digits|chars|vit|all] [--jobs N]
-[--out DIR]``; writes ``bench_optim[_TASK].{json,png,md}`` (the table) and prints the log.
+[--out DIR] [--schedule constant|cosine] [--epochs F]``; writes
+``bench_optim[_TASK].{json,png,md}`` (the table) and prints the log.
 ``--quick`` is a smoke run (one lr per method, 2 epochs, 1 seed) used by the tests.
 """
 
@@ -59,17 +66,17 @@ from curvlens.optim import SpectralNewton, split_parameters  # noqa: E402
 
 TASKS = ("digits", "chars", "vit")
 METHODS = ("sn", "muon", "adamw")
-COMPANION_LR = 3e-3
 GRID_SIZE = 4
 LR_GRID = {
-    "digits": {"sn": [3e-4, 1e-3, 3e-3, 1e-2], "muon": [3e-3, 0.01, 0.03, 0.1],
+    "digits": {"sn": [5e-4, 1.5e-3, 5e-3, 0.015], "muon": [1e-3, 3e-3, 0.01, 0.03],
                "adamw": [1e-3, 3e-3, 0.01, 0.03]},
     "chars": {"sn": [3e-3, 0.01, 0.03, 0.1], "muon": [3e-3, 0.01, 0.03, 0.1],
               "adamw": [1e-3, 3e-3, 0.01, 0.03]},
-    "vit": {"sn": [3e-4, 1e-3, 3e-3, 1e-2], "muon": [3e-3, 0.01, 0.03, 0.1],
+    "vit": {"sn": [1e-3, 3e-3, 0.01, 0.03], "muon": [1e-3, 3e-3, 0.01, 0.03],
             "adamw": [3e-4, 1e-3, 3e-3, 0.01]},
 }
 EPOCHS = {"digits": 30, "chars": 12, "vit": 20}
+SCHEDULES = ("constant", "cosine")  # cosine: every lr times 0.5 (1 + cos(pi t / T)), T: all steps
 SEEDS = 3
 
 
@@ -94,11 +101,11 @@ class MuonWithAdamW:
             p.grad = v.grad = None
 
 
-def build(method: str, model: nn.Module, lr: float):
+def build(method: str, model: nn.Module, lr: float, companion_lr: float):
     if method == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     if method == "muon":
-        return MuonWithAdamW(model, lr, COMPANION_LR)
+        return MuonWithAdamW(model, lr, companion_lr)
     return SpectralNewton(model, lr=lr)  # the default policy, nothing else set
 
 
@@ -111,6 +118,7 @@ class Run:
     step_time: float = 0.0  # mean seconds per optimizer step
     epoch_time: float = 0.0  # mean seconds per training epoch
     diverged: bool = False
+    companion_lr: float | None = None  # Muon's AdamW part
 
 
 _DATA: dict = {}
@@ -136,8 +144,10 @@ def _data(task: str):
     return _DATA[task]
 
 
-def run_one(task: str, method: str, lr: float, seed: int, epochs: int) -> Run:
-    """Train one model from scratch; evaluate after every epoch."""
+def run_one(task: str, method: str, lr: float, seed: int, epochs: int,
+            companion_lr: float = 3e-3, schedule: str = "constant") -> Run:
+    """Train one model from scratch; evaluate after every epoch (``companion_lr``: Muon's AdamW
+    part; ``schedule``: one of ``SCHEDULES``)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1000 + seed)
     torch.manual_seed(seed)
@@ -160,7 +170,12 @@ def run_one(task: str, method: str, lr: float, seed: int, epochs: int) -> Run:
             return [(train[0][i], train[1][i])
                     for i in torch.randperm(len(train[1]), generator=gen).split(64)]
 
-    opt = build(method, model, lr)
+    opt = build(method, model, lr, companion_lr)
+    parts = (opt.muon, opt.adamw) if isinstance(opt, MuonWithAdamW) else (opt,)
+    groups = [g for o in parts for g in o.param_groups]
+    base_lrs = [g["lr"] for g in groups]
+    per_epoch = 25 if task == "chars" else math.ceil(len(train[1]) / 64)
+    total_steps, t_step = (epochs * per_epoch if schedule == "cosine" else 0), 0
 
     @torch.no_grad()
     def evaluate() -> dict[str, tuple[float, float]]:
@@ -174,12 +189,17 @@ def run_one(task: str, method: str, lr: float, seed: int, epochs: int) -> Run:
             out[name] = (sum(losses) / len(losses), sum(accs) / len(accs))
         return out
 
-    run = Run()
+    run = Run(companion_lr=companion_lr if method == "muon" else None)
     step_times, epoch_times = [], []
     for _ in range(epochs):
         epoch_batches = batches()
         t_epoch = time.perf_counter()
         for x, y in epoch_batches:
+            if total_steps:
+                scale = 0.5 * (1 + math.cos(math.pi * t_step / total_steps))
+                for g, base in zip(groups, base_lrs):
+                    g["lr"] = base * scale
+                t_step += 1
             loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -214,21 +234,34 @@ def _stats(xs: list[float]) -> str:
     return f"{sum(xs) / len(xs):.4f} [{min(xs):.4f}, {max(xs):.4f}]" if xs else "n/a"
 
 
-def sweep_task(task: str, grids: dict, seeds: int, epochs: int, pool, log=print) -> dict:
-    """Seed 0 over each method's grid, then the other seeds at the lr with the best val loss."""
-    stage1 = [(task, m, lr, 0, epochs) for m in METHODS for lr in grids[m]]
-    tuned = dict(zip(stage1, pool.map(_run_job, stage1)))
-    best = {}
-    for m in METHODS:
-        vals = {lr: _val(tuned[(task, m, lr, 0, epochs)]) for lr in grids[m]}
+def sweep_task(task: str, grids: dict, seeds: int, epochs: int, pool, log=print,
+               schedule: str = "constant") -> dict:
+    """Seed 0 over each method's grid (AdamW's first: Muon's companion uses its best lr), then
+    the other seeds at the lr with the best val loss."""
+    futures, best = {}, {}
+
+    def submit(m: str, lr: float, seed: int) -> None:
+        comp = best.get("adamw", 3e-3)
+        futures[(m, lr, seed)] = pool.submit(_run_job, (task, m, lr, seed, epochs, comp, schedule))
+
+    def pick(m: str) -> None:
+        vals = {lr: _val(futures[(m, lr, 0)].result()) for lr in grids[m]}
         best[m] = min(vals, key=vals.get)
         edge = " (grid edge)" if best[m] in (min(vals), max(vals)) else ""
+        comp = f" (AdamW part at {best['adamw']:g})" if m == "muon" else ""
         log(f"  [{task}] {m:<6} lr={best[m]:<7g}{edge:<12} val loss "
-            f"{ {lr: round(v, 4) for lr, v in vals.items()} }", flush=True)
-    stage2 = [(task, m, best[m], s, epochs) for m in METHODS for s in range(1, seeds)]
-    final = dict(zip(stage2, pool.map(_run_job, stage2)))
-    return {m: (best[m], [tuned[(task, m, best[m], 0, epochs)]]
-                + [final[(task, m, best[m], s, epochs)] for s in range(1, seeds)])
+            f"{ {lr: round(v, 4) for lr, v in vals.items()} }{comp}", flush=True)
+
+    for m in ("adamw", "sn"):
+        for lr in grids[m]:
+            submit(m, lr, 0)
+    for m, then in (("adamw", "muon"), ("sn", None), ("muon", None)):
+        pick(m)  # waits for m's grid; the queue keeps both workers busy meanwhile
+        for lr in grids[then] if then else ():
+            submit(then, lr, 0)
+        for s in range(1, seeds):
+            submit(m, best[m], s)
+    return {m: (best[m], [futures[(m, best[m], s)].result() for s in range(seeds)])
             for m in METHODS}
 
 
@@ -250,7 +283,8 @@ def report(task: str, results: dict, log=print) -> dict:
         for r in runs:
             hit = [e + 1 for e, tl in enumerate(r.train_loss) if tl <= target]
             reach.append(hit[0] if hit else None)
-        row = dict(lr=lr, test_loss=[r.test_loss[-1] for r in runs],
+        row = dict(lr=lr, companion_lr=runs[0].companion_lr,
+                   test_loss=[r.test_loss[-1] for r in runs],
                    test_acc=[r.test_acc[-1] for r in runs],
                    train_loss=[r.train_loss[-1] for r in runs], epochs_to_adamw=reach,
                    step_ms=1e3 * mean(runs, "step_time"),
@@ -272,7 +306,8 @@ def table(summary: dict) -> str:
     for task, rows in summary.items():
         for m, row in rows.items():
             reach = ",".join("-" if e is None else str(e) for e in row["epochs_to_adamw"])
-            lines.append(f"| {task} | {m} | {row['lr']:g} | {_stats(row['test_loss'])} | "
+            lr = f"{row['lr']:g}" + (f" (AdamW {c:g})" if (c := row.get("companion_lr")) else "")
+            lines.append(f"| {task} | {m} | {lr} | {_stats(row['test_loss'])} | "
                          f"{_stats(row['test_acc'])} | {reach} |")
     return "\n".join(lines) + "\n"
 
@@ -309,6 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--task", choices=[*TASKS, "all"], default="all")
     ap.add_argument("--jobs", type=int, default=None, help="processes (default 2; quick: 1)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                    help="learning-rate schedule of every method (cosine: to zero at the end)")
+    ap.add_argument("--epochs", type=float, default=1.0,
+                    help="fraction of each task's epochs to run (1: the full protocol)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     tasks = list(TASKS) if args.task == "all" else [args.task]
@@ -317,13 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "bench_optim" + ("" if args.task == "all" else f"_{args.task}"))
     print(f"tasks {tasks}, methods {METHODS}, grids of {GRID_SIZE}, seeds {seeds}, "
-          f"{jobs} processes", flush=True)
+          f"{jobs} processes, {args.schedule} learning rates, epochs x{args.epochs:g}", flush=True)
     t0 = time.perf_counter()
     summary = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for task in tasks:
             grids = {m: ([g[len(g) // 2]] if args.quick else g) for m, g in LR_GRID[task].items()}
-            results = sweep_task(task, grids, seeds, 2 if args.quick else EPOCHS[task], pool)
+            epochs = 2 if args.quick else max(1, round(EPOCHS[task] * args.epochs))
+            results = sweep_task(task, grids, seeds, epochs, pool, schedule=args.schedule)
             summary[task] = report(task, results)
             with open(stem + ".json", "w") as f:  # after every task: partial results survive
                 json.dump(summary, f, indent=1)

@@ -532,6 +532,7 @@ def test_benchmark_quick_smoke(tmp_path):
     assert "epochs to AdamW" in proc.stdout
     summary = json.loads((tmp_path / "bench_optim_digits.json").read_text())["digits"]
     assert set(summary) == {"adamw", "muon", "sn"}
+    assert summary["muon"]["companion_lr"] == summary["adamw"]["lr"]  # AdamW's tuned lr
     assert all(0.0 <= a <= 1.0 for row in summary.values() for a in row["test_acc"])
     assert all(row["test_loss"][0] > 0 for row in summary.values())
     assert (tmp_path / "bench_optim_digits.png").stat().st_size > 0

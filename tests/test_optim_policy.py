@@ -72,7 +72,7 @@ def test_policy_choice_for_each_layer_kind():
         assert (choice.use_spectral, choice.blocks) == (spectral, blocks), name
         if spectral:
             assert (choice.alpha, choice.damping, choice.damping_mode, choice.rms_target) == (
-                2.0, 0.01, "relative", 0.2), name
+                2.0, 0.01, "relative", 0.1), name
     assert choose(Role.HEAD, (11, 6), head_to_adamw=False).use_spectral
 
 
@@ -85,7 +85,7 @@ def test_optimizer_groups_follow_the_policy():
         assert g["use_spectral"] is spectral and g["lr"] == 0.02, name
         if spectral:
             assert (g["blocks"], g["damping_mode"], g["rms_target"], g["alpha"]) == (
-                blocks, "relative", 0.2, 2.0), name
+                blocks, "relative", 0.1, 2.0), name
 
 
 @pytest.mark.parametrize("param", ["fused.qkv.weight", "mha.in_proj_weight"])

@@ -24,6 +24,7 @@ from curvlens.optim._functional import adamw, finite_or_zero, spectral_direction
 from curvlens.optim._kernels import DampingMode, _damping_mode
 from curvlens.optim._policy import (
     DEFAULT_ALPHA,
+    POLICY_RMS,
     choose,
     group_alpha,
     latest_reports,
@@ -64,7 +65,7 @@ class SpectralNewton(torch.optim.Optimizer):
     :mod:`curvlens.optim._policy`): hidden Linear and Conv weights (attention projections
     included; a fused query-key-value matrix as three blocks) get the spectral update with
     ``alpha = 2``, relative damping ``delta = 0.01`` and their update rescaled to RMS
-    ``0.2 * lr``; embeddings, the output head, biases and norm weights get AdamW at the same
+    ``0.1 * lr``; embeddings, the output head, biases and norm weights get AdamW at the same
     ``lr``. One learning rate for everything, whatever the gradients' scale (relative damping
     and the RMS rule make the update independent of it). With ``lens=`` a layer's measured
     exponent replaces 2 when its 95% interval is narrower than 1 (clipped to ``[1, 3]``). The
@@ -106,8 +107,8 @@ class SpectralNewton(torch.optim.Optimizer):
         weight_decay: decoupled weight decay of the spectral parameters (``W *= 1 - lr * wd``).
         adamw_lr: the AdamW part's learning rate (``None``: ``lr``).
         adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part.
-        rms_scale: ``None`` (policy: 0.2), ``False``, ``True`` (0.2) or a float: rescale each
-            spectral update to that RMS (:func:`~curvlens.optim.scale_to_rms`).
+        rms_scale: ``None`` (policy: 0.1), ``False``, ``True`` (0.2, Moonlight's) or a float:
+            rescale each spectral update to that RMS (:func:`~curvlens.optim.scale_to_rms`).
         lens: a ``CurvatureLens`` (or an object with ``latest_alphas()``) for measured alphas.
         alpha_range: clip measured exponents to ``[lo, hi]``, ``lo >= 1``.
         auto_every: steps between reads of the lens.
@@ -170,7 +171,9 @@ class SpectralNewton(torch.optim.Optimizer):
                              "(below 1 the update grows with the gradient without bound)")
         if not (isinstance(auto_every, int) and auto_every >= 1):
             raise ValueError(f"auto_every must be an int >= 1, got {auto_every!r}")
-        if rms_scale is None or rms_scale is True:
+        if rms_scale is None:
+            rms_target = POLICY_RMS
+        elif rms_scale is True:
             rms_target = 0.2
         elif rms_scale is False:
             rms_target = None
