@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from curvlens._batches import FixedData
 from curvlens._dist import batch_mean
 from curvlens.layers import LayerInfo
+from curvlens.linalg.svd import gram_singular_values
 
 __all__ = ["mean_over", "mean_gradients", "layer_gradients", "half_batch_noise", "noise_norms"]
 
@@ -43,8 +44,10 @@ def mean_gradients(model: nn.Module, loss_fn: Callable, data: FixedData,
 
 
 def noise_norms(g1: dict[str, Tensor | str], g2: dict[str, Tensor | str]) -> dict[str, float]:
-    """``{name: ||(G1 - G2) / 2||_2}`` (float64) for the matrices with both gradients."""
-    return {name: float(torch.linalg.matrix_norm((g1[name] - g2[name]).double() / 2, ord=2))
+    """``{name: ||(G1 - G2) / 2||_2}`` (float64) for the matrices with both gradients: the
+    largest singular value from the smaller Gram matrix (a full SVD of a 512 x 4608 difference
+    cost ten times more)."""
+    return {name: float(gram_singular_values((g1[name] - g2[name]).double() / 2, 1)[0])
             for name in g1 if isinstance(g1[name], Tensor) and isinstance(g2[name], Tensor)}
 
 

@@ -174,6 +174,7 @@ def alignment_score(U: Tensor, V: Tensor, ritz: Tensor) -> float:
         raise ValueError(f"alignment_score: U {tuple(U.shape)}, V {tuple(V.shape)} and Ritz "
                          f"vectors {tuple(ritz.shape)} do not fit ([m, K], [n, K], [r, m, n])")
     dt = torch.float64
-    proj = torch.einsum("mk,rmn,nk->rk", U.detach().to(dt), ritz.detach().to(dt),
-                        V.detach().to(dt))  # [r, K]
+    # (Q_i V)[m, K] against U, one Ritz vector at a time: no [r, m, n] float64 copy
+    U64, V64 = U.detach().to(dt), V.detach().to(dt)
+    proj = torch.stack([((q.detach().to(dt) @ V64) * U64).sum(0) for q in ritz])  # [r, K]
     return float(proj.square().sum() / ritz.shape[0])
