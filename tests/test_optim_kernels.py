@@ -33,8 +33,10 @@ def _svd_reference(M: torch.Tensor, alpha: float, d: float, relative: bool) -> t
     return U @ torch.diag(torch.where(x > 0, x / (x**alpha + d), 0.0)) @ Vh
 
 
-# Stated in curvlens/optim/_kernels.py: relative Frobenius error against the SVD formula.
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-3, torch.bfloat16: 1e-2}
+# Stated in curvlens/optim/_kernels.py: relative Frobenius error against the SVD formula
+# (half-precision parameters: float32 maths, the result rounded to the parameter's dtype).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-3, torch.bfloat16: 1e-2,
+             torch.float16: 1e-2}
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
@@ -42,7 +44,21 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-3, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12), (48, 48)])
 @pytest.mark.parametrize("mode,d", [("relative", 0.01), ("absolute", 0.1)])
 def test_kernels_within_stated_tolerance(shape, alpha, mode, d, dtype):
-    M = (0.3 * _power_law(*shape, seed=sum(shape))).to(dtype)  # bf16 params: float32 maths
+    _check_kernels(shape, alpha, mode, d, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("alpha", [1.25, 2.5])
+@pytest.mark.parametrize("shape", [(12, 20), (96, 8), (8, 96), (48, 48)])
+@pytest.mark.parametrize("mode,d", [("relative", 0.01), ("absolute", 0.1)])
+def test_kernels_within_stated_tolerance_more_alphas_and_shapes(shape, alpha, mode, d, dtype):
+    """Non-integer exponents between the fast grid's, and very rectangular matrices."""
+    _check_kernels(shape, alpha, mode, d, dtype)
+
+
+def _check_kernels(shape, alpha, mode, d, dtype):
+    M = (0.3 * _power_law(*shape, seed=sum(shape))).to(dtype)  # half params: float32 maths
     ref = _svd_reference(M, alpha, d, relative=mode == "relative")
     kernels = [spectral_update, spectral_update_eigh]
     if alpha == 2.0:
@@ -65,6 +81,19 @@ def test_large_gram_uses_krylov_top_eigenvalue_within_tolerance(alpha):
     ref = _svd_reference(M, alpha, 0.01, relative=True)
     out = spectral_update(M.float(), alpha=alpha, damping=0.01, damping_mode="relative")
     assert float((out.double() - ref).norm() / ref.norm()) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0, 3.0])
+@pytest.mark.parametrize("mode,d", [("relative", 0.01), ("absolute", 0.1)])
+def test_batched_kernels_treat_each_matrix_alone(alpha, mode, d):
+    """A stack [B, m, n] of matrices of very different scales (as the optimizer batches equal
+    shapes): each result equals that matrix's own SVD formula."""
+    M = torch.stack([s * _power_law(24, 16, seed=i) for i, s in enumerate((1e-6, 1.0, 1e4))])
+    out = spectral_update(M.float(), alpha=alpha, damping=d, damping_mode=mode)
+    for b in range(M.shape[0]):
+        ref = _svd_reference(M[b], alpha, d, relative=mode == "relative")
+        err = float((out[b].double() - ref).norm() / ref.norm())
+        assert err <= TOLERANCE[torch.float32], (b, err)
 
 
 def test_svd_kernel_equals_reference_batched():
