@@ -99,12 +99,27 @@ class FixedData:
         count), or ``None`` for a single batch (split that batch instead)."""
         if self.single:
             return None
-        batches = list(self)
-        half = len(batches) // 2
+        count = len(self.sizes) if self.sizes else sum(1 for _ in self)
+        half = count // 2
         if half == 0:
             return None
-        return (FixedData(batches[:half], single=False),
-                FixedData(batches[len(batches) - half:], single=False))
+        return (FixedData(_Range(self, 0, half), single=False),
+                FixedData(_Range(self, count - half, count), single=False))
+
+
+class _Range:
+    """Batches ``start <= i < stop`` of a re-iterable, streamed from it (one in memory at a
+    time; the pass stops after ``stop``)."""
+
+    def __init__(self, source: Any, start: int, stop: int) -> None:
+        self.source, self.start, self.stop = source, start, stop
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.source):
+            if i >= self.stop:
+                return
+            if i >= self.start:
+                yield batch
 
 
 def fixed_data(inputs: Any, targets: Any) -> FixedData:

@@ -30,6 +30,7 @@ from curvlens._batches import FixedData
 from curvlens._budget import direction_chunk, resolve_budget
 from curvlens._dist import batch_mean
 from curvlens._fixed_gradients import mean_over
+from curvlens._progress import progress_bar
 from curvlens.analysis import analyze_layer
 from curvlens.hessian import GradGraph, directional_curvature, layer_hvp
 from curvlens.hessian_spectrum import _DataGraph, _matvec, block_eigenvalues, lanczos_max_basis
@@ -76,9 +77,12 @@ def _hvp_curvature(graph: GradGraph, info: LayerInfo, U: Tensor, V: Tensor, chun
     directions built a chunk at a time (ten of a 38.6M-entry block would take 1.5 GB)."""
     chunk = 1 if U.device.type == "cpu" else chunk
     out = []
+    bar = progress_bar(total=U.shape[1], desc=f"h_k {info.name}", unit="hvp", leave=False)
     for start in range(0, U.shape[1], chunk):
         D = torch.einsum("mk,nk->kmn", U[:, start:start + chunk], V[:, start:start + chunk])
         out.append((D * layer_hvp(graph, info, D)).sum((1, 2)))
+        bar.update(D.shape[0])
+    bar.close()
     return torch.cat(out)
 
 
@@ -93,7 +97,7 @@ def _graph_top(graph: GradGraph, run: MatrixRun, k: int, tol: float | None, vect
     gen = torch.Generator(w.device).manual_seed(seed)
     max_basis = lanczos_max_basis(m * n, k, "largest", dtype, budget, info.name)
     out = lanczos(_matvec(data), m * n, k, tol=tol, generator=gen, dtype=dtype, device=w.device,
-                  return_vectors=vectors, max_basis=max_basis)
+                  return_vectors=vectors, max_basis=max_basis, progress=True)
     if not vectors:
         return out
     values, vecs = out
@@ -186,7 +190,7 @@ class MatrixRun:
             gen = torch.Generator(w.device).manual_seed(self.seed)
             out = block_eigenvalues(self.model, self.loss_fn, *self.source, info, k,
                                     generator=gen, tol=tol, memory_budget=self.budget,
-                                    return_vectors=vectors)
+                                    return_vectors=vectors, progress=True)
         return out if vectors else (out, None)
 
 

@@ -111,7 +111,7 @@ def analyze_model(
         epoch, step, meta: stored in the :class:`Report`.
         loss_reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` combines the batch (default:
             read off a torch loss module, else a mean). A sum is measured as the mean it is
-            ``B`` times, so both give the same report.
+            ``B`` times (each batch's own ``B`` in an iterable), so both give the same report.
         output, likelihood: for ``kronecker_mode="fisher"``/``"ggn"`` with dict or tuple model
             outputs: which tensor the loss is a function of, and the predictive distribution
             (see :func:`curvlens.kronecker.kronecker_factors`).
@@ -153,9 +153,6 @@ def analyze_model(
     args, targets = (_as_inputs(inputs), targets) if data.single else next(iter(data))
     batch = int(args[0].shape[0])
     reduction = resolve_reduction(loss_fn, loss_reduction)
-    if not data.single and reduction is LossReduction.SUM:
-        raise ValueError("an iterable of batches needs a loss that averages over its batch "
-                         "(loss_reduction='mean'); pass a mean loss or one batch")
     factor_options = dict(reduction=reduction, output=output, likelihood=likelihood,
                           memory_budget=memory_budget)
     raw_loss, loss_fn = loss_fn, _as_mean(loss_fn, reduction, batch)
@@ -167,7 +164,7 @@ def analyze_model(
             raise ValueError(f"{type(model).__name__} has no trainable weight matrix (a "
                              "parameter with >= 2 dimensions and requires_grad=True)")
         data = (fixed_data(args, targets) if data.single  # the prepared batch
-                else FixedData(_Prepared(data, model), single=False))
+                else FixedData(_Prepared(data, model, loss_fn), single=False))
         grads = mean_gradients(model, loss_fn, data, found)
         batch, halves = data.total, data.halves()
         if not noise_floor or (batch < 2 and halves is None):
@@ -216,11 +213,13 @@ class _Prepared:
     """The batches of an iterable, each entered into the measurement context (inputs made
     ready for the measured model)."""
 
-    def __init__(self, data: FixedData, model: nn.Module) -> None:
-        self.data, self.model = data, model
+    def __init__(self, data: FixedData, model: nn.Module, loss_fn: Callable) -> None:
+        self.data, self.model, self.loss_fn = data, model, loss_fn
 
     def __iter__(self) -> Iterator[tuple[tuple, Any]]:
         for args, targets in self.data:
+            if isinstance(self.loss_fn, _MeanLoss):  # a summed loss: this batch's mean
+                self.loss_fn.batch = int(args[0].shape[0])
             with measuring(self.model, args, targets, where="analyze_model", upcast=True) as ms:
                 yield ms.inputs, ms.targets
 
