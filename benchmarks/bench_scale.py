@@ -123,6 +123,8 @@ def resnet_part(args: argparse.Namespace) -> dict[str, Any]:
         before = _timed(plain)
         analyze_s.append(_timed(lambda: rec.analyze(x, y, epoch=r)))  # noqa: B023
         plain_near.append((before + _timed(plain)) / 2)
+    if args.profile:
+        out["analyze_profile"] = _profile(lambda: rec.analyze(x, y))
     out["analyze_s"] = statistics.median(analyze_s)
     out["analyze_plain_steps"] = statistics.median(
         a / p for a, p in zip(analyze_s, plain_near))

@@ -133,9 +133,10 @@ def test_sketch_that_does_not_fit_is_refused_with_the_layer_name():
         side.add(torch.ones(2, 5000, dtype=DT))
 
 
-def test_blocked_dense_sum_equals_the_full_outer_product():
-    side = _side(601)  # summed in upper-triangular blocks of uneven sizes
-    parts = [_rows(40, 601, 1.0, seed=s) for s in range(3)]
+@pytest.mark.parametrize("dim", [601, 2051])  # 4 x 4 and 8 x 8 blocks of uneven sizes
+def test_blocked_dense_sum_equals_the_full_outer_product(dim):
+    side = _side(dim)  # summed in upper-triangular blocks
+    parts = [_rows(40, dim, 1.0, seed=s) for s in range(3)]
     for rows in parts:
         side.add(rows)
     A = torch.cat(parts)
