@@ -82,9 +82,10 @@ def summary_numbers(results: dict[str, Report]) -> dict[str, Any]:
     rows = list(_rows(results))
     out: dict[str, Any] = {"layers": len(rows), "roles": {}}
     kept = [(role, rep) for _, _, role, rep in rows if _usable(rep, "rayleigh")]
-    floor_ok = [rep for *_, rep in rows if rep.k_kept >= max(1, rep.top_k) / 2]
+    floor_ok = [rep for *_, rep in rows if _half_k(rep)]
     out["trusted"] = len(kept)
     out["half_k_above_floor"] = len(floor_ok)
+    out["half_k_above_floor_by_task"] = _half_k_by_task(rows)
     for role in dict.fromkeys(r for _, _, r, _ in rows):
         reps = [rep for r, rep in kept if r == role]
         entry: dict[str, Any] = {"n": sum(1 for _, _, r, _ in rows if r == role),
@@ -114,6 +115,19 @@ def summary_numbers(results: dict[str, Report]) -> dict[str, Any]:
     return out
 
 
+def _half_k_by_task(rows: list) -> dict[str, tuple[int, int]]:
+    """``{task: (layers with >= K/2 singular values above the noise floor, layers)}``."""
+    out: dict[str, tuple[int, int]] = {}
+    for task, _, _, rep in rows:
+        n, m = out.get(task, (0, 0))
+        out[task] = (n + _half_k(rep), m + 1)
+    return out
+
+
+def _half_k(rep: LayerReport) -> bool:
+    return rep.k_kept >= max(1, rep.top_k) / 2
+
+
 def paper_table(results: dict[str, Report]) -> str:
     """The table: one row per layer, then the by-role medians beside the paper's numbers."""
     head = (f"{'task':<13} {'layer':<17} {'role':<9} {'alpha':>9} {'gamma':>9} {'s':>9} "
@@ -136,6 +150,10 @@ def paper_table(results: dict[str, Report]) -> str:
                  + (f" ({len(out_of)} left out: {why})" if out_of else "")
                  + f"; {nums['half_k_above_floor']} with >= K/2 singular values above the "
                  "noise floor")
+    ks = sorted({int(r.meta["top_k"]) for r in results.values() if "top_k" in r.meta})
+    per_task = ", ".join(f"{task} {n}/{m}" for task, (n, m) in _half_k_by_task(rows).items())
+    lines.append(f"K = {'/'.join(map(str, ks)) or '?'} (the paper used K = 20); >= K/2 above "
+                 f"the floor per task: {per_task}")
     lines.append("")
     lines.append("alpha and transfer error per role: median [95% interval] over the trusted "
                  "layers, then over all layers (untrusted included, for comparison only)")

@@ -1,7 +1,8 @@
 """``curvlens reproduce``: the paper-style table across several architectures and data sets.
 
 Trains each task briefly, analyzes every supported layer on a fixed batch with
-:class:`~curvlens.lens.CurvatureLens`, and prints one row per layer (alpha, gamma, s,
+:class:`~curvlens.lens.CurvatureLens` (with ``full``: on many samples, given as a list of
+batches and measured as their mean), and prints one row per layer (alpha, gamma, s,
 alpha*gamma, transfer error), alpha by layer type, and the median transfer error over all
 layers, the headline number of "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact
 Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596: ~2% over 93 layers,
@@ -26,7 +27,7 @@ from curvlens._table import _num, _pct
 from curvlens.lens import CurvatureLens
 from curvlens.report import save_reports
 
-__all__ = ["TASKS", "run_reproduce", "reproduce_table"]
+__all__ = ["TASKS", "FULL_TASKS", "FULL_SAMPLES", "run_reproduce", "reproduce_table"]
 
 
 def _train(model: nn.Module, loss_fn: Callable, batches: Callable[[], Any], steps: int,
@@ -100,8 +101,35 @@ TASKS: dict[str, Callable[[float, int, int], tuple]] = {
 }
 
 
+def _chunks(x: Any, y: Any, size: int) -> list[tuple[Any, Any]]:
+    """``(x, y)`` as a list of batches of ``size`` (at most half the samples, so the noise floor
+    compares two halves of the batches)."""
+    size = max(1, min(size, len(x) // 2))
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
 def _full_digits(model_fn: Callable[[], nn.Module], lr: float, steps: int = 1000) -> Callable:
-    return lambda scale, seed, fixed: _class_task(model_fn, scale, seed, fixed, lr, steps=steps)
+    """A digits model trained on, and measured on, the training split under random one-pixel
+    shifts (:func:`curvlens._tasks.shifted`): ``fixed`` fresh draws of the augmented split."""
+
+    def build(scale: float, seed: int, fixed: int) -> tuple:
+        data = T.digits_data(seed)
+        torch.manual_seed(seed)
+        model = model_fn()
+        g = torch.Generator().manual_seed(seed + 1)
+        x, y, n = data.x_train, data.y_train, len(data.y_train)
+
+        def batches() -> tuple:
+            idx = torch.randint(0, n, (64,), generator=g)
+            return T.shifted(x[idx], g), y[idx]
+
+        loss_fn = nn.CrossEntropyLoss()
+        _train(model, loss_fn, batches, int(steps * scale), lr)
+        g.manual_seed(seed + 2)
+        idx = torch.randint(0, n, (fixed,), generator=g)
+        return model, loss_fn, _chunks(T.shifted(x[idx], g), y[idx], 2048)
+
+    return build
 
 
 def _full_gpt(scale: float, seed: int, fixed: int) -> tuple:
@@ -110,11 +138,11 @@ def _full_gpt(scale: float, seed: int, fixed: int) -> tuple:
     model = Z.GPT(vocab, dim=48, depth=5, ctx=64)
     g = torch.Generator().manual_seed(seed + 1)
     _train(model, T.lm_loss, lambda: T.char_batch(train, 32, 64, g), int(1000 * scale), 2e-3)
-    return model, T.lm_loss, T.char_batch(train, max(2, fixed // 16), 64, g)
+    return model, T.lm_loss, _chunks(*T.char_batch(train, max(2, fixed // 16), 64, g), 16)
 
 
 def _full_teacher(scale: float, seed: int, fixed: int) -> tuple:
-    data = T.teacher_data(n=16384, seed=seed)
+    data = T.teacher_data(n=5 * max(8192, fixed) // 4, seed=seed)  # a training split >= fixed
     torch.manual_seed(seed)
     model = Z.DeepMLP(depth=10)
     g = torch.Generator().manual_seed(seed + 1)
@@ -125,7 +153,7 @@ def _full_teacher(scale: float, seed: int, fixed: int) -> tuple:
         return data.x_train[idx], data.y_train[idx]
 
     _train(model, nn.MSELoss(), batches, int(2000 * scale), 1e-3)
-    return model, nn.MSELoss(), (data.x_train[:fixed], data.y_train[:fixed])
+    return model, nn.MSELoss(), _chunks(data.x_train[:fixed], data.y_train[:fixed], 4096)
 
 
 def _digits_deep_mlp() -> nn.Module:
@@ -133,8 +161,9 @@ def _digits_deep_mlp() -> nn.Module:
 
 
 #: The ``--full`` suite: 6 architectures (CNN, ResNet, ViT, GPT-style LM, two MLPs) on 3 data
-#: sets, 96 weight matrices. ``fixed_batch`` counts images / teacher samples; the language model
-#: uses ``fixed_batch // 16`` windows of 64 characters.
+#: sets, 96 weight matrices. Builders return the fixed data as a list of batches, measured as
+#: the mean over all samples. ``fixed`` counts images / teacher samples; the language model
+#: uses ``fixed // 16`` windows of 64 characters.
 FULL_TASKS: dict[str, Callable[[float, int, int], tuple]] = {
     "teacher-mlp": _full_teacher,
     "digits-mlp": _full_digits(_digits_deep_mlp, 2e-3),
@@ -143,6 +172,18 @@ FULL_TASKS: dict[str, Callable[[float, int, int], tuple]] = {
     "digits-vit": _full_digits(lambda: Z.ViTDigits(dim=32, depth=4), 1e-3),
     "stdlib-gpt": _full_gpt,
 }
+
+#: Samples each ``--full`` task measures by default (``fixed_batch`` overrides them). The cost of
+#: the exact curvatures grows with the samples times the depth, so the 30-minute budget on 2 CPU
+#: cores goes where more samples lift singular values above the noise floor: the teacher, the
+#: digits MLP, CNN and ResNet. The ViT and the LM would need about 3e4 images and 4e3 windows
+#: (``benchmarks/floor_exploration.py``), hours here; they keep a small sample.
+FULL_SAMPLES: dict[str, int] = {
+    "teacher-mlp": 32768, "digits-mlp": 32768, "digits-cnn": 32768, "digits-resnet": 16384,
+    "digits-vit": 1024, "stdlib-gpt": 512,
+}
+#: The fit window ``K`` of ``--full`` (the paper used 20; see ``run_reproduce``).
+FULL_TOP_K = 10
 
 
 def reproduce_table(results: dict[str, Any]) -> str:
@@ -180,7 +221,7 @@ def run_reproduce(
     scale: float = 1.0,
     seed: int = 0,
     fixed_batch: int | None = None,
-    top_k: int = 20,
+    top_k: int | None = None,
     lanczos_k: int | None = None,
     bootstrap: int = 200,
     out: str | Path | None = None,
@@ -192,13 +233,17 @@ def run_reproduce(
     Args:
         tasks: names from :data:`TASKS` (or :data:`FULL_TASKS` with ``full``; default: all).
         full: the paper-style suite (6 architectures, 3 data sets, 96 layers), trained
-            longer and measured on more samples, with the published numbers beside the measured
-            ones; about 30 minutes on 2 CPU cores.
+            longer and measured on many samples (:data:`FULL_SAMPLES`, as a list of batches),
+            with the published numbers beside the measured ones; under 30 minutes on 2 CPU
+            cores.
         scale: multiplies the training steps.
         seed: seed of data, initialization and batches.
-        fixed_batch: samples in each analysis batch (default 256, 512 with ``full``).
-        top_k, lanczos_k, bootstrap: analysis settings (``lanczos_k`` default: 0 for the quick
-            run, 8 with ``full``; Lanczos gives the independent s and the alignment score).
+        fixed_batch: samples measured per task (default 256; with ``full``, the per-task
+            :data:`FULL_SAMPLES`).
+        top_k, lanczos_k, bootstrap: analysis settings (``top_k`` default 20, 10 with ``full``:
+            a window the noise floor of the affordable samples leaves room for, where the paper
+            used 20; ``lanczos_k`` default 0, 8 with ``full``: Lanczos gives the independent s
+            and the alignment score).
         out: directory for ``reproduce.json`` (every report, the summary numbers and the time
             taken), ``reproduce.txt`` (the table) and, with ``full``, ``reproduce.png``
             (``None``: write nothing).
@@ -220,8 +265,11 @@ def run_reproduce(
                          + ("" if full else " (or pass full=True / --full for the full suite)"))
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
-    fixed_batch = fixed_batch or (512 if full else 256)
+    samples = {t: fixed_batch or (FULL_SAMPLES[t] if full else 256) for t in names}
+    top_k = (FULL_TOP_K if full else 20) if top_k is None else top_k
     lanczos_k = (8 if full else 0) if lanczos_k is None else lanczos_k
+    settings = dict(scale=scale, seed=seed, fixed_batch=fixed_batch, samples=samples,
+                    top_k=top_k, lanczos_k=lanczos_k)
     results: dict[str, Any] = {}
     start = time.perf_counter()
     bar = tqdm(names, desc="reproduce", unit="task", disable=None if progress is None
@@ -229,28 +277,25 @@ def run_reproduce(
     for task in bar:
         bar.set_postfix_str(task)
         t0 = time.perf_counter()
-        model, loss_fn, (x, y) = catalog[task](scale, seed, fixed_batch)
+        model, loss_fn, data = catalog[task](scale, seed, samples[task])
         t1 = time.perf_counter()
         lens = CurvatureLens(model, loss_fn, top_k=top_k, lanczos_k=lanczos_k,
                              on_unsupported="skip", analyze_options={"bootstrap": bootstrap})
-        report = lens.analyze(x, y)
+        report = lens.analyze(*data) if isinstance(data, tuple) else lens.analyze(data, None)
         report.meta.update(task=task, train_seconds=round(t1 - t0, 1),
                            analyze_seconds=round(time.perf_counter() - t1, 1))
         results[task] = report
-        printer(f"{task}: trained in {t1 - t0:.0f} s, analyzed {len(report.layers)} layers in "
-                f"{time.perf_counter() - t1:.0f} s")
+        printer(f"{task}: trained in {t1 - t0:.0f} s, analyzed {len(report.layers)} layers on "
+                f"{report.meta.get('batch_size')} samples in {time.perf_counter() - t1:.0f} s")
         if out is not None and task != names[-1]:  # partial results survive an interruption
             _write(results, Path(out), names, full, time.perf_counter() - start, None,
-                   dict(scale=scale, seed=seed, fixed_batch=fixed_batch, top_k=top_k,
-                        lanczos_k=lanczos_k))
+                   settings)
     seconds = time.perf_counter() - start
     text = paper_table(results) if full else reproduce_table(results)
     text += f"\ntotal time: {seconds:.0f} s"
     printer(text)
     if out is not None:
-        for line in _write(results, Path(out), names, full, seconds, text,
-                           dict(scale=scale, seed=seed, fixed_batch=fixed_batch, top_k=top_k,
-                                lanczos_k=lanczos_k)):
+        for line in _write(results, Path(out), names, full, seconds, text, settings):
             printer(line)
     return results
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 __all__ = [
     "Dataset",
     "digits_data",
+    "shifted",
     "DigitsCNN",
     "DigitsMLP",
     "stdlib_text",
@@ -73,6 +74,20 @@ def digits_data(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     n_test = int(round(test_fraction * len(y)))
     test, train = perm[:n_test], perm[n_test:]
     return Dataset(X[train], y[train], X[test], y[test])
+
+
+def shifted(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image ``[B, C, H, W]`` moved by a random whole-pixel offset in ``{-1, 0, 1}^2``
+    (zero padding): the augmentation of the ``reproduce --full`` digits models."""
+    H, W = x.shape[-2:]
+    pad = F.pad(x, (1, 1, 1, 1))
+    dy, dx = torch.randint(0, 3, (2, len(x)), generator=generator)
+    out = torch.empty_like(x)
+    for i in range(3):
+        for j in range(3):
+            sel = (dy == i) & (dx == j)
+            out[sel] = pad[sel, ..., i:i + H, j:j + W]
+    return out
 
 
 class DigitsCNN(nn.Module):

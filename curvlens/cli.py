@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the error, alpha by layer type and the median transfer error. "
                            "--full runs the paper-style suite (CNN, ResNet, ViT, GPT-style LM, "
                            "MLPs on digits, the standard library's text and a synthetic "
-                           "teacher; 96 layers, ~30 minutes on 2 CPU cores) and prints "
+                           "teacher; 96 layers, under 30 minutes on 2 CPU cores) and prints "
                            "the published numbers beside the measured ones, with 95%% "
                            "intervals and trust flags.")
     repro.add_argument("--full", action="store_true",
@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multiply the training steps (longer runs: 5, 10, ...)")
     repro.add_argument("--seed", type=int, default=0)
     repro.add_argument("--fixed-batch", type=_positive_int, default=None,
-                       help="samples measured per task (default 256; 512 with --full)")
-    repro.add_argument("--top-k", type=_positive_int, default=20)
+                       help="samples measured per task (default 256; with --full 2048 to "
+                       "32768 per task, given as batches)")
+    repro.add_argument("--top-k", type=_positive_int, default=None,
+                       help="fit window K (default 20; 10 with --full, where the paper used 20)")
     repro.add_argument("--lanczos-k", type=_nonneg_int, default=None,
                        help="Lanczos eigenvalues per layer for the independent s and the "
                        "alignment score (default 0; 8 with --full)")
