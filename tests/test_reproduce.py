@@ -112,3 +112,24 @@ def test_full_reproduce_end_to_end_tiny(tmp_path):
 def test_reproduce_cli_rejects_unknown_full_tasks(capsys):
     assert main(["reproduce", "--full", "--tasks", "chars"]) == 2
     assert "unknown tasks ['chars']" in capsys.readouterr().err
+
+
+def test_shifted_moves_each_image_by_one_of_the_nine_offsets():
+    from curvlens._tasks import shifted
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, 8, 8, generator=g) + 0.1  # no zeros: a shift is visible
+    out = shifted(x, torch.Generator().manual_seed(1))
+    seen = set()
+    for a, b in zip(x, out):
+        hits = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                ref = torch.zeros_like(a)  # brute force: copy the overlapping window
+                ref[:, max(0, -dy):8 - max(0, dy), max(0, -dx):8 - max(0, dx)] = \
+                    a[:, max(0, dy):8 - max(0, -dy), max(0, dx):8 - max(0, -dx)]
+                if torch.equal(ref, b):
+                    hits.append((dy, dx))
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) == 9
