@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
-    results, seconds, settings = {}, [], {}
+    results, seconds, settings, samples = {}, [], {}, {}
     for run in args.runs:
         path = Path(run) / "reproduce.json"
         meta = json.loads(path.read_text())["meta"]
@@ -33,6 +33,7 @@ def main() -> None:
         settings = {k: meta[k] for k in ("scale", "seed", "fixed_batch", "top_k", "lanczos_k")}
         for report in load_reports(path):
             results[report.meta["task"]] = report
+            samples[report.meta["task"]] = meta.get("samples", {}).get(report.meta["task"])
     results = {t: results[t] for t in FULL_TASKS if t in results}
     total = sum(seconds)
     text = (paper_table(results) + f"\ntime: {total:.0f} s of runs in sequence "
@@ -41,6 +42,7 @@ def main() -> None:
         text += f"\npartial: {len(results)} of {len(FULL_TASKS)} tasks"
     print(text)
     settings["parallel_wall_seconds"] = round(max(seconds), 1)
+    settings["samples"] = {t: samples[t] for t in results}
     for line in _write(results, Path(args.out), list(FULL_TASKS), True, total, text, settings):
         print(line)
 

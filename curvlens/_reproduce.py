@@ -173,14 +173,15 @@ FULL_TASKS: dict[str, Callable[[float, int, int], tuple]] = {
     "stdlib-gpt": _full_gpt,
 }
 
-#: Samples each ``--full`` task measures by default (``fixed_batch`` overrides them). The cost of
-#: the exact curvatures grows with the samples times the depth, so the 30-minute budget on 2 CPU
-#: cores goes where more samples lift singular values above the noise floor: the teacher, the
-#: digits MLP, CNN and ResNet. The ViT and the LM would need about 3e4 images and 4e3 windows
-#: (``benchmarks/floor_exploration.py``), hours here; they keep a small sample.
+#: Samples each ``--full`` task measures by default (``fixed_batch`` overrides them). The exact
+#: curvatures cost about (K + Lanczos steps) forward-backward passes per sample and layer, so the
+#: 30-minute budget on 2 CPU cores buys many samples only for small models: the teacher and the
+#: digits MLP (where they lift K/2 singular values above the noise floor). The CNN, ResNet, ViT
+#: and the LM would need about 3e4 images and 4e3 windows of 64 characters
+#: (``benchmarks/results/floor_exploration.txt``), hours here.
 FULL_SAMPLES: dict[str, int] = {
-    "teacher-mlp": 32768, "digits-mlp": 32768, "digits-cnn": 32768, "digits-resnet": 16384,
-    "digits-vit": 1024, "stdlib-gpt": 512,
+    "teacher-mlp": 32768, "digits-mlp": 32768, "digits-cnn": 8192, "digits-resnet": 2048,
+    "digits-vit": 512, "stdlib-gpt": 512,
 }
 #: The fit window ``K`` of ``--full`` (the paper used 20; see ``run_reproduce``).
 FULL_TOP_K = 10
