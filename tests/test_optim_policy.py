@@ -153,3 +153,21 @@ def test_explicit_options_override_the_policy():
     assert all((g["alpha"], g["damping"], g["damping_mode"], g["rms_target"], g["lr"]) ==
                (1.5, 0.1, "absolute", None, 0.05) for g in spectral)
     assert [g["lr"] for g in opt.param_groups if not g["use_spectral"]] == [1e-3]
+
+
+def test_lens_alpha_of_a_packed_matrix_is_the_mean_of_its_measured_blocks():
+    """The lens measures nn.MultiheadAttention's in_proj_weight as three row blocks; the optimizer
+    updates it with one exponent: the mean of the usable ones (a block whose interval is wider
+    than 1 is left out)."""
+    net = _Zoo()
+    layers = {"mha.in_proj_weight.q": SimpleNamespace(alpha=1.4, alpha_ci=(1.3, 1.5)),
+              "mha.in_proj_weight.k": SimpleNamespace(alpha=1.8, alpha_ci=(1.7, 1.9)),
+              "mha.in_proj_weight.v": SimpleNamespace(alpha=2.9, alpha_ci=(0.5, 5.3))}
+    lens = SimpleNamespace(history=[SimpleNamespace(layers=layers)],
+                           latest_alphas=lambda: {k: v.alpha for k, v in layers.items()})
+    opt = SpectralNewton(net, lens=lens)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[net.mha.in_proj_weight]["alpha"] == pytest.approx(1.6)
+    assert opt.state[net.mlp.weight]["alpha"] == 2.0  # no report: the role's default

@@ -22,7 +22,9 @@ one learning rate serves every layer, every shape and the AdamW part, whatever t
 scale. (Moonlight's rule, "Muon is Scalable for LLM Training", Liu et al., 2025,
 arXiv:2502.16982, matches AdamW's update RMS with ``0.2``; ``rms_scale=True`` gives that.) With a
 lens, a layer's measured exponent replaces the role's when it is finite, its 95% interval is
-narrower than ``1`` and the report trusts it, clipped to ``[1, 3]``.
+narrower than ``1`` and the report trusts it, clipped to ``[1, 3]``; a packed matrix the lens
+measures as row blocks (``nn.MultiheadAttention``'s ``in_proj_weight``) gets the mean of its
+blocks' usable exponents.
 
 Evidence (``benchmarks/bench_optim.py``: lr tuned per method on validation loss, 3 seeds, test
 split; the table is in the optimizer guide). Why ``0.1`` and not ``0.2``: on the small ViT the
@@ -345,11 +347,16 @@ def group_alpha(group: dict[str, Any], i: int, state: Mapping[str, Any], step: i
         return float(alpha), {}
     current = float(state.get("alpha", DEFAULT_ALPHA))
     due = step % group["auto_every"] == 0 or not state.get("alpha_measured")
-    report = (measured or {}).get(layer_name(group["param_names"][i]))
-    if not due or report is None:
+    name = layer_name(group["param_names"][i])
+    measured = measured or {}
+    # a packed matrix the lens measures as row blocks (``attn.in_proj_weight.q``, ``.k``, ``.v``)
+    reports = [measured[name]] if name in measured else [
+        r for k, r in measured.items() if k.startswith(name + ".") and "." not in k[len(name) + 1:]]
+    if not due or not reports:
         return current, {"alpha": current}
     lo, hi = group["alpha_range"]
-    value = measured_alpha(report, math.nan)
+    usable = [v for v in (measured_alpha(r, math.nan) for r in reports) if math.isfinite(v)]
+    value = sum(usable) / len(usable) if usable else math.nan  # one exponent for all blocks
     if not math.isfinite(value):
         return current, {"alpha": current}
     value = min(max(value, lo), hi)
