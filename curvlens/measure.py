@@ -133,6 +133,7 @@ def analyze_model(
         RuntimeError: a NaN/Inf loss on the fixed batch.
 
     Example:
+        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
         >>> x, y = torch.randn(32, 6), torch.randn(32, 5)
