@@ -315,6 +315,13 @@ def _print_resnet(r: dict[str, Any]) -> None:
              if "every50_overhead_measured" in r else "") + " (target <= 1.05)")
     print(f"  layers {r['layers']}, finite alpha {r['finite_alpha']}; peak RSS "
           f"{r['peak_rss_gb']:.2f} GB")
+    _print_load(r)
+
+
+def _print_load(r: dict[str, Any]) -> None:
+    if "load_average" in r:
+        print("  load average at the end (1, 5, 15 min): "
+              + ", ".join(f"{v:.2f}" for v in r["load_average"]))
 
 
 def _print_gpt(r: dict[str, Any]) -> None:
@@ -330,6 +337,7 @@ def _print_gpt(r: dict[str, Any]) -> None:
         print(f"  tied-block Lanczos: {r['tied_block_lanczos']}")
     print(f"  peak RSS {r['peak_rss_gb']:.2f} GB (after training {r['rss_after_training_gb']:.2f},"
           f" after analyze {r['rss_after_analyze_gb']:.2f}; target <= 6)")
+    _print_load(r)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -349,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.part != "all":
         result = (resnet_part if args.part == "resnet" else gpt_part)(args)
         result["threads"] = args.threads
+        result["load_average"] = list(os.getloadavg())  # (1, 5, 15 min) at the end of the part
         (_print_resnet if args.part == "resnet" else _print_gpt)(result)
         if args.json:
             with open(args.json, "w") as f:

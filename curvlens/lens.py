@@ -107,7 +107,7 @@ class CurvatureLens:
         check_finite: check the recorded gradients for NaN/Inf (one host sync per record).
         memory_budget: bytes one large allocation may take (a dense factor side, a Lanczos
             basis, a chunk of Hessian-vector-product directions): an int, a string such as
-            ``"2GB"``, or ``None`` for a quarter of the available memory capped at 4 GiB (see
+            ``"2GB"``, or ``None`` for a quarter of the available memory capped at 3 GiB (see
             :mod:`curvlens._budget`). Larger factor sides are sketched, larger Lanczos bases
             restarted; what cannot fit at all is refused by name. A layer whose recording fails
             in :meth:`step` is skipped with one warning (reason in :attr:`skipped_layers`).
