@@ -4,7 +4,8 @@
 parallel (one process per group of tasks); this script reads their ``reproduce.json`` files and
 writes the combined ``reproduce.json``, ``reproduce.txt`` and ``reproduce.png`` with the same
 renderer as a single run, in the suite's task order. The time recorded is the sum of the runs'
-times (the CPU-serial equivalent) and the longest one (the wall time in parallel).
+times (the time one after the other) and the longest one (the wall time when they ran in
+parallel).
 
 Run: ``python benchmarks/merge_reproduce.py OUT_DIR RUN_DIR [RUN_DIR ...]``.
 """
@@ -36,8 +37,8 @@ def main() -> None:
             samples[report.meta["task"]] = meta.get("samples", {}).get(report.meta["task"])
     results = {t: results[t] for t in FULL_TASKS if t in results}
     total = sum(seconds)
-    text = (paper_table(results) + f"\ntime: {total:.0f} s of runs in sequence "
-            f"({max(seconds):.0f} s wall in {len(seconds)} parallel processes)")
+    text = (paper_table(results) + f"\ntime: {total:.0f} s, the sum of {len(seconds)} runs "
+            f"(the longest {max(seconds):.0f} s)")
     if len(results) < len(FULL_TASKS):
         text += f"\npartial: {len(results)} of {len(FULL_TASKS)} tasks"
     print(text)
