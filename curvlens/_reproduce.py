@@ -235,7 +235,7 @@ def run_reproduce(
         tasks: names from :data:`TASKS` (or :data:`FULL_TASKS` with ``full``; default: all).
         full: the paper-style suite (6 architectures, 3 data sets, 96 layers), trained
             longer and measured on many samples (:data:`FULL_SAMPLES`, as a list of batches),
-            with the published numbers beside the measured ones; under 30 minutes on 2 CPU
+            with the published numbers beside the measured ones; 30 to 60 minutes on 2 CPU
             cores.
         scale: multiplies the training steps.
         seed: seed of data, initialization and batches.
