@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "the error, alpha by layer type and the median transfer error. "
                            "--full runs the paper-style suite (CNN, ResNet, ViT, GPT-style LM, "
                            "MLPs on digits, the standard library's text and a synthetic "
-                           "teacher; 96 layers, 30-60 minutes on 2 CPU cores) and prints "
+                           "teacher; 96 layers, about 8 minutes on 2 CPU cores) and prints "
                            "the published numbers beside the measured ones, with 95%% "
                            "intervals and trust flags.")
     repro.add_argument("--full", action="store_true",
-                       help="the full paper-style suite (96 layers, 30-60 min)")
+                       help="the full paper-style suite (96 layers, about 8 min)")
     repro.add_argument("--tasks", default=None,
                        help="comma-separated subset of the tasks (default: all of the suite)")
     repro.add_argument("--scale", type=float, default=1.0,
