@@ -135,6 +135,13 @@ class FactorSide:
             self.diag += rows.square().sum(0)
             self.Y.addmm_(rows.mT, rows @ self.omega())
 
+    def dense_sum(self) -> Tensor | None:
+        """The dense ``[d, d]`` sum, for adding a whole symmetric contribution in place
+        (a diagonal side that fits turns dense); ``None`` for a sketched side."""
+        if self.state == "diag" and self.dense_ok:
+            self._widen("dense")
+        return self.dense if self.state == "dense" else None
+
     def _blocks(self) -> list[tuple[slice, slice]]:
         """The upper-triangular blocks ``(rows, cols)`` a blocked dense sum updates."""
         if self.dim < _BLOCKED_FROM:
@@ -248,6 +255,15 @@ class FactorAccumulator:
     def add_inputs(self, name: str, x: Tensor) -> None:
         """Add one forward call's input to the input-side sum."""
         info = self.layers[name]
+        moments = (info.spec.input_moments(info.module, x)
+                   if info.spec.input_moments is not None else None)
+        if moments is not None:  # the exact sum without forming the rows (conv patches)
+            dim = self._sides(name)[0]
+            like = x if x.is_floating_point() else info.weight
+            dense = self._side(self._in, name, dim, like, seed=0).dense_sum()
+            if dense is not None:
+                self._rows_in[name] += moments(dense)
+                return
         rows = info.spec.input_rows(info.module, x)  # [N, dim]
         self._side(self._in, name, rows.shape[1], rows, seed=0).add(rows)
         self._rows_in[name] += rows.shape[0]

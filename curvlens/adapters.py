@@ -29,6 +29,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlens._conv_moments import conv2d_patch_moments
+
 __all__ = [
     "LayerKind",
     "LayerSpec",
@@ -73,6 +75,11 @@ class LayerSpec:
             (``args[0]``) and output; else ``(module, {name: LayerInfo}, capture) -> handles``,
             which registers its own hooks and feeds ``capture.save_input(name, x, samples)``
             and ``capture.watch(name, call, y, select)`` (see :class:`curvlens.hooks.Capture`).
+        input_moments: optional ``(module, input) -> add or None``: a cheaper exact route to
+            the input side's sum of ``r r^T`` than ``input_rows`` (``None``: not for this
+            module or input). ``add(out)`` adds the sum into a dense ``out [d, d]`` in place
+            (both triangles) and returns the number of rows (see
+            :func:`curvlens._conv_moments.conv2d_patch_moments`).
     """
 
     kind: LayerKind
@@ -82,6 +89,7 @@ class LayerSpec:
     locations: Callable[[nn.Module, Tensor], int]
     inputs_are_columns: bool = True
     attach: Callable[..., list[Any]] | None = None
+    input_moments: Callable[[nn.Module, Tensor], Callable[[Tensor], int] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +251,7 @@ _CONV = LayerSpec(
     input_rows=_conv_inputs,
     grad_rows=_conv_grads,
     locations=_conv_locations,
+    input_moments=conv2d_patch_moments,
 )
 _EMBEDDING = LayerSpec(
     kind=LayerKind.EMBEDDING,
