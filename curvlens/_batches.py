@@ -94,6 +94,10 @@ class FixedData:
         return [1.0] * len(self.sizes) if reduction_is_sum else [
             b / self.total for b in self.sizes]
 
+    def head(self, count: int) -> FixedData:
+        """The first ``count`` batches (streamed from this data; ``sizes`` after one pass)."""
+        return FixedData(_Range(self, 0, count), single=False)
+
     def halves(self) -> tuple[FixedData, FixedData] | None:
         """The first and the second half of the batches (the middle one left out for an odd
         count), or ``None`` for a single batch (split that batch instead)."""

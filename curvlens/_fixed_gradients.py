@@ -19,14 +19,35 @@ from curvlens._dist import batch_mean
 from curvlens.layers import LayerInfo
 from curvlens.linalg.svd import gram_singular_values
 
-__all__ = ["mean_over", "mean_gradients", "layer_gradients", "half_batch_noise", "noise_norms"]
+__all__ = ["gradients_and_halves", "half_batch_noise", "layer_gradients", "mean_gradients",
+           "mean_over", "noise_norms"]
 
 
 def mean_over(data: FixedData, fn: Callable[[tuple, Any], Any]) -> Any:
     """``sum_i w_i fn(args_i, targets_i)`` over the batches (``w_i = B_i / N``), for a tensor or
     a ``{name: tensor or reason}`` result (a reason in any batch wins)."""
     parts = [fn(args, targets) for args, targets in data]
-    weights = data.weights(False)
+    return _weighted(parts, data.weights(False))
+
+
+def gradients_and_halves(model: nn.Module, loss_fn: Callable, data: FixedData,
+                         found: dict[str, LayerInfo]) -> tuple[dict, tuple[dict, dict] | None]:
+    """In one pass over an iterable of batches: :func:`mean_gradients` over all of them and over
+    the first and the last ``count // 2`` batches (``None`` for a single batch), the two
+    independent halves of the noise floor."""
+    parts = [layer_gradients(model, loss_fn, a, t, found, "a batch of the fixed data")
+             for a, t in data]
+    grads, sizes, half = _weighted(parts, data.weights(False)), data.sizes, len(parts) // 2
+    if half == 0:
+        return grads, None
+
+    def mean(lo: int, hi: int) -> dict:
+        return _weighted(parts[lo:hi], [b / sum(sizes[lo:hi]) for b in sizes[lo:hi]])
+
+    return grads, (mean(0, half), mean(len(parts) - half, len(parts)))
+
+
+def _weighted(parts: list, weights: list[float]) -> Any:
     if not isinstance(parts[0], dict):
         return sum(w * p for w, p in zip(weights, parts))
     out = {}

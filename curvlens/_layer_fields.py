@@ -155,6 +155,26 @@ def _noise_floor(v: dict, ex: _Explain, noise_norm: float | None, sig: Tensor, h
                 f"{int(keep.sum())} singular values; the rest are within batch noise")
 
 
+def _curvature_noise(v: dict, ex: _Explain, halves: tuple[Tensor, Tensor] | None,
+                     keep: Tensor, name: str) -> None:
+    """``curvature_noise``: median over the fit window of ``|h1_k - h2_k| / |h1_k + h2_k|``,
+    ``h1``, ``h2`` measured on two disjoint halves of the samples."""
+    if halves is None:
+        ex.nan(["curvature_noise"], "h_k measured on one batch, no two halves to compare (pass "
+               "the fixed data as several batches)")
+        return
+    h1, h2 = (_vector(h, "h_halves", name) for h in halves)
+    if h1.numel() != keep.numel() or h2.numel() != keep.numel():
+        raise ValueError(f"layer {name!r}: h_halves need {keep.numel()} values each, got "
+                         f"{h1.numel()} and {h2.numel()}")
+    diff, both = (h1 - h2)[keep].abs(), (h1 + h2)[keep].abs()
+    if not diff.numel():
+        ex.nan(["curvature_noise"], "empty fit window")
+        return
+    ratio = diff / both.clamp_min(torch.finfo(torch.float64).tiny)
+    v["curvature_noise"] = float(ratio.quantile(0.5).clamp_max(1e300))
+
+
 def _rank_models(v: dict, ex: _Explain, sk: Tensor) -> None:
     cmp = compare_rank_models(sk)
     v["bic"], v["aic"], v["bic_best"] = cmp.bic, cmp.aic, cmp.best
@@ -251,7 +271,7 @@ def _trust(v: dict, ex: _Explain, policy: TrustPolicy, window: int, n_samples: i
             for name in EXPONENTS}
     v["trust_flags"] = trust_flags(fits, window=window,
                                    k_above_floor=v.get("k_kept") if measured else None,
-                                   policy=policy)
+                                   policy=policy, curvature_noise=v.get("curvature_noise"))
     bad = {k: f for k, f in v["trust_flags"].items() if f}
     if bad:
         ex.warn("untrusted: " + "; ".join(f"{k} ({f})" for k, f in bad.items()))

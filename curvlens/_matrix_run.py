@@ -5,14 +5,20 @@ eigenvalues of the matrix's Hessian block (Lanczos) and hands them with the grad
 the Kronecker factors and the noise norm to :func:`curvlens.analysis.analyze_layer`; a failure
 becomes NaN fields with the reason, never a lost report.
 
-On one fixed batch whose gradient graph fits the memory budget, :func:`shared_graph` builds the
-graph of the loss gradient with respect to every measured weight once, and every matrix's
-second-order products run on it (one more backward pass each): no forward and backward pass per
-matrix, and ``h_k = <D_k, H D_k>`` from the same exact double-backward products that Lanczos
+The curvatures run on the curvature data: all of the fixed data, or its first batches (the
+``curvature_batches`` option of :func:`~curvlens.measure.analyze_model`). When the gradient
+graphs of those batches fit the memory budget, :func:`shared_graphs` builds, per batch, the graph
+of the loss gradient with respect to every measured weight once, and every matrix's second-order
+products run on them (one more backward pass each): no forward and backward pass per matrix and
+product, and ``h_k = <D_k, H D_k>`` from the same exact double-backward products that Lanczos
 uses. On the CPU the products go one direction at a time (batching directions through
 ``is_grads_batched`` made convolutions 1.2 to 2.5 times slower per direction on one thread).
-Otherwise (an iterable of batches, or a graph too large) each matrix builds its own graphs, and
-``h_k`` comes from forward-over-forward differentiation where that is exact.
+Otherwise (graphs too large) each matrix builds its own graphs, and ``h_k`` comes from
+forward-over-forward differentiation where that is exact.
+
+``h_k`` is kept per batch, so the first and the second half of the curvature batches give two
+independent estimates of it for free; :func:`curvlens.analysis.analyze_layer` turns them into the
+relative curvature noise.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from torch import Tensor, nn
 from curvlens._batches import FixedData
 from curvlens._budget import direction_chunk, resolve_budget
 from curvlens._dist import batch_mean
-from curvlens._fixed_gradients import mean_over
 from curvlens._progress import progress_bar
 from curvlens.analysis import analyze_layer
 from curvlens.hessian import GradGraph, directional_curvature, layer_hvp
@@ -40,7 +45,7 @@ from curvlens.linalg.lanczos import lanczos
 from curvlens.linalg.svd import gradient_svd
 from curvlens.results import LayerReport
 
-__all__ = ["MatrixRun", "explain", "shared_graph"]
+__all__ = ["MatrixRun", "explain", "shared_graphs"]
 
 _BUDGET = ("b_chi", "b_rho_delta", "b_rho_A", "b_lambda_delta", "b_lambda_A", "beta", "phi")
 _LANCZOS = ("s_lanczos", "s_lanczos_r2", "s_lanczos_ci", "transfer_error_lanczos",
@@ -58,42 +63,47 @@ class _Block(GradGraph):
         self._live = [0] if self.grads[0].requires_grad else []
 
 
-def shared_graph(model: nn.Module, loss_fn: Callable, args: tuple, targets: Any,
-                 found: dict[str, LayerInfo], budget: int, activations: int
-                 ) -> GradGraph | None:
-    """The gradient graph over every measured weight on one batch, or ``None`` when it would
-    not fit in ``budget`` (its saved tensors and first-order gradient graph are taken as three
-    times the activations plus twice the weights)."""
+def shared_graphs(model: nn.Module, loss_fn: Callable, data: FixedData, count: int,
+                  found: dict[str, LayerInfo], budget: int, activations: int
+                  ) -> list[tuple[float, int, GradGraph]] | None:
+    """Per batch of ``data`` (``count`` batches), the gradient graph over every measured weight
+    with the batch's weight in the mean and its size; ``None`` when they would not fit in
+    ``budget`` (each batch's saved tensors and first-order gradient graph are taken as three
+    times the first batch's ``activations``, plus twice the weights)."""
     weights = list({id(i.weight): i.weight for i in found.values()}.values())
-    need = 3 * activations + 2 * sum(w.numel() * w.element_size() for w in weights)
+    need = 3 * activations * count + 2 * sum(w.numel() * w.element_size() for w in weights)
     if need > budget:
         return None
-    return GradGraph(model, loss_fn, args, targets, weights, f"model {type(model).__name__}")
+    where = f"model {type(model).__name__}"
+    graphs = [(int(args[0].shape[0]), GradGraph(model, loss_fn, args, targets, weights, where))
+              for args, targets in data]
+    total = sum(b for b, _ in graphs)
+    return [(b / total, b, g) for b, g in graphs]
 
 
-def _hvp_curvature(graph: GradGraph, info: LayerInfo, U: Tensor, V: Tensor, chunk: int
-                   ) -> Tensor:
+def _hvp_curvature(graph: GradGraph, info: LayerInfo, U: Tensor, V: Tensor, chunk: int,
+                   bar: Any) -> Tensor:
     """``h_k = <D_k, H_WW D_k>`` for ``D_k = u_k v_k^T`` by exact products on ``graph``, the
     directions built a chunk at a time (ten of a 38.6M-entry block would take 1.5 GB)."""
     chunk = 1 if U.device.type == "cpu" else chunk
     out = []
-    bar = progress_bar(total=U.shape[1], desc=f"h_k {info.name}", unit="hvp", leave=False)
     for start in range(0, U.shape[1], chunk):
         D = torch.einsum("mk,nk->kmn", U[:, start:start + chunk], V[:, start:start + chunk])
         out.append((D * layer_hvp(graph, info, D)).sum((1, 2)))
         bar.update(D.shape[0])
-    bar.close()
     return torch.cat(out)
 
 
-def _graph_top(graph: GradGraph, run: MatrixRun, k: int, tol: float | None, vectors: bool
+def _graph_top(run: MatrixRun, k: int, tol: float | None, vectors: bool
                ) -> Tensor | tuple[Tensor, Tensor]:
-    """Top-``k`` eigenvalues of ``run.info``'s Hessian block by Lanczos on ``graph``."""
+    """Top-``k`` eigenvalues of ``run.info``'s Hessian block by Lanczos on ``run.graphs``."""
     info, budget, seed = run.info, run.budget, run.seed
     w = info.weight
     m, n = info.matrix_shape
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    data = _DataGraph(run.model, run.loss_fn, run.data, [w], graph.where, graph, info)
+    where = f"layer {info.name!r}"
+    blocks = [(share, _Block(g, w, where)) for share, _, g in run.graphs]
+    data = _DataGraph(run.model, run.loss_fn, run.data, [w], where, blocks, info)
     gen = torch.Generator(w.device).manual_seed(seed)
     max_basis = lanczos_max_basis(m * n, k, "largest", dtype, budget, info.name)
     out = lanczos(_matvec(data), m * n, k, tol=tol, generator=gen, dtype=dtype, device=w.device,
@@ -104,9 +114,26 @@ def _graph_top(graph: GradGraph, run: MatrixRun, k: int, tol: float | None, vect
     return values, vecs.mT.reshape(-1, m, n)
 
 
+def _halves(parts: list[tuple[int, Tensor]]) -> tuple[Tensor, Tensor] | None:
+    """The sample-weighted means of the first and of the last ``len(parts) // 2`` per-batch
+    values (the middle batch of an odd count in neither), ``None`` for one batch."""
+    half = len(parts) // 2
+    if half == 0:
+        return None
+
+    def mean(sub: list[tuple[int, Tensor]]) -> Tensor:
+        total = sum(b for b, _ in sub)
+        return sum(b / total * p for b, p in sub)
+
+    return mean(parts[:half]), mean(parts[len(parts) - half:])
+
+
 @dataclasses.dataclass
 class MatrixRun:
-    """One matrix's measurement, failures turned into explained NaN fields."""
+    """One matrix's measurement, failures turned into explained NaN fields.
+
+    ``data``/``source`` are the curvature data (``h_k``, Lanczos); ``n_samples`` counts the
+    samples of the gradient (all of the fixed data)."""
 
     model: nn.Module
     loss_fn: Callable
@@ -120,8 +147,9 @@ class MatrixRun:
     notes: list[str]
     budget: int
     activations: int
-    graph: GradGraph | None = None
+    graphs: list[tuple[float, int, GradGraph]] | None = None
     lanczos_tol: float | None = None
+    n_samples: int = 0
 
     def __call__(self, G: Tensor | str, noise: float | None, f: KroneckerFactors | None,
                  no_factors: str | None) -> LayerReport:
@@ -139,15 +167,11 @@ class MatrixRun:
             rep = analyze_layer(torch.zeros(k), torch.zeros(k), **base)
             rep.aliases = list(info.aliases)
             return rep
-        block = None if self.graph is None else _Block(self.graph, info.weight, f"layer {name!r}")
         try:
             U, S, V = gradient_svd(G, k)
-            chunk = direction_chunk(3 * self.activations + 3 * info.weight.nbytes, self.budget, k)
-            if block is not None:
-                h = batch_mean(_hvp_curvature(block, info, U, V, chunk), self.data.total)
-            else:
-                h = mean_over(self.data, lambda a, t: batch_mean(directional_curvature(
-                    self.model, self.loss_fn, a, t, info, U, V, max_batch=chunk), len(a[0])))
+            parts = self._curvatures(U, V, k)
+            total = sum(b for b, _ in parts)
+            h = sum(b / total * p for b, p in parts)
         except Exception as err:  # noqa: BLE001 - one matrix must not lose the report
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
                            f"layer {name!r}: measuring h_k failed ({type(err).__name__}: {err})")
@@ -157,7 +181,7 @@ class MatrixRun:
             if tol is None:
                 tol = None if G.dtype == torch.float64 else 1e-2
             try:
-                lam, ritz = self._block_top(block, min(self.lanczos_k, m * n), tol)
+                lam, ritz = self._block_top(min(self.lanczos_k, m * n), tol)
             except Exception as err:  # noqa: BLE001
                 lam_error = (f"layer {name!r}: Lanczos on the Hessian block failed "
                              f"({type(err).__name__}: {err})")
@@ -165,7 +189,8 @@ class MatrixRun:
             rep = analyze_layer(
                 S, h, C_A=None if f is None else f.C_A, C_delta=None if f is None else f.C_delta,
                 U=U, V=V, lambda_top=lam, noise_norm=noise, weight=info.matrix(), **base,
-                n_samples=self.data.total, ritz_vectors=ritz, **self.fit)
+                n_samples=self.n_samples, ritz_vectors=ritz, h_halves=_halves(parts),
+                **self.fit)
         except Exception as err:  # noqa: BLE001
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base),
                            f"layer {name!r}: analysis failed ({type(err).__name__}: {err})")
@@ -176,16 +201,30 @@ class MatrixRun:
             explain(rep, _BUDGET, f"no Kronecker factors: {no_factors}")
         return rep
 
-    def _block_top(self, block: GradGraph | None, k: int, tol: float | None
-                   ) -> tuple[Tensor, Tensor | None]:
+    def _curvatures(self, U: Tensor, V: Tensor, k: int) -> list[tuple[int, Tensor]]:
+        """Each curvature batch's size and ``h_k`` on it (averaged over processes)."""
+        info = self.info
+        chunk = direction_chunk(3 * self.activations + 3 * info.weight.nbytes, self.budget, k)
+        if self.graphs is None:
+            return [(len(a[0]), batch_mean(directional_curvature(
+                self.model, self.loss_fn, a, t, info, U, V, max_batch=chunk), len(a[0])))
+                for a, t in self.data]
+        where = f"layer {info.name!r}"
+        with progress_bar(total=U.shape[1] * len(self.graphs), desc=f"h_k {info.name}",
+                          unit="hvp", leave=False) as bar:
+            return [(b, batch_mean(_hvp_curvature(_Block(g, info.weight, where), info, U, V,
+                                                  chunk, bar), b))
+                    for _, b, g in self.graphs]
+
+    def _block_top(self, k: int, tol: float | None) -> tuple[Tensor, Tensor | None]:
         """Top-``k`` block eigenvalues and, when ``k`` of them fit in the memory budget, their
         vectors for the alignment score."""
         info = self.info
         m, n = info.matrix_shape
         w = info.weight
         vectors = k * m * n * w.element_size() <= resolve_budget(self.budget, w.device)
-        if block is not None:
-            out = _graph_top(block, self, k, tol, vectors)
+        if self.graphs is not None:
+            out = _graph_top(self, k, tol, vectors)
         else:
             gen = torch.Generator(w.device).manual_seed(self.seed)
             out = block_eigenvalues(self.model, self.loss_fn, *self.source, info, k,

@@ -41,6 +41,7 @@ from torch import Tensor
 from curvlens._layer_fields import (
     _alignment,
     _alignment_score,
+    _curvature_noise,
     _eps_of,
     _Explain,
     _finish,
@@ -92,6 +93,7 @@ def analyze_layer(
     interval: Interval | str = Interval.STUDENTIZED,
     level: float = 0.95,
     trust: TrustPolicy | None = None,
+    h_halves: tuple[Tensor, Tensor] | None = None,
 ) -> LayerReport:
     """All of the paper's per-layer quantities from one layer's measurements.
 
@@ -120,6 +122,8 @@ def analyze_layer(
         interval: ``"studentized"`` (default) or ``"bootstrap"``; level: confidence level of
             every ``*_ci`` (see :mod:`curvlens.fit`).
         trust: thresholds of the trust flags (default :class:`~curvlens.trust.TrustPolicy`).
+        h_halves: ``h_k`` measured on two disjoint halves of the samples (e.g. of the
+            curvature batches); gives ``curvature_noise`` and its trust flag.
 
     Returns:
         A :class:`LayerReport`; NaN fields are explained in ``nan_reasons`` and ``warnings``.
@@ -221,6 +225,7 @@ def analyze_layer(
     _two_s(v, ex, h_sorted, fit)
     _alignment_score(v, ex, U, V, ritz_vectors)
     _noise_floor(v, ex, noise_norm, sig, hh, keep, name)
+    _curvature_noise(v, ex, h_halves, keep, name)
     _trust(v, ex, trust or TrustPolicy(), int(keep.sum()), n_samples)
     _rank_models(v, ex, sk)
     _alignment(v, ex, sig, hh, keep, C_A, C_delta, U, V)

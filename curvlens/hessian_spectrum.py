@@ -38,8 +38,9 @@ Layer = str | nn.Module | LayerInfo
 
 
 class _DataGraph:
-    """Gradient graphs over the fixed data: kept for a single batch, rebuilt for every product
-    over an iterable of batches (one batch's activations in memory at a time).
+    """Gradient graphs over the fixed data: kept for a single batch (or given, one per batch
+    with its weight), else rebuilt for every product over an iterable of batches (one batch's
+    activations in memory at a time).
 
     Attributes:
         params: the parameters of the Hessian block.
@@ -48,15 +49,18 @@ class _DataGraph:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: FixedData,
-                 params: list[Tensor], where: str, single: GradGraph | None,
+                 params: list[Tensor], where: str,
+                 single: GradGraph | list[tuple[float, GradGraph]] | None,
                  layer: LayerInfo | None) -> None:
         self.model, self.loss_fn, self.data, self.params, self.where = (
             model, loss_fn, data, params, where)
         self._single, self.layer = single, layer
-        self.batch_size = int(data.source[0][0].shape[0]) if data.single else 0
+        self.batch_size = int(data.source[0][0].shape[0]) if data.single else data.total
 
     def mean(self, product: Callable[[GradGraph], Tensor]) -> Tensor:
         """``sum_i w_i product(graph_i)``: the product for the mean loss over all samples."""
+        if isinstance(self._single, list):  # kept graphs of the batches, with their weights
+            return sum(w * product(g) for w, g in self._single)
         if self._single is not None:
             return product(self._single)
         parts = []

@@ -23,6 +23,7 @@ from curvlens._batches import FixedData, fixed_data
 from curvlens._budget import activation_bytes, resolve_budget
 from curvlens._context import measuring
 from curvlens._fixed_gradients import (
+    gradients_and_halves,
     half_batch_noise,
     mean_gradients,
     noise_norms,
@@ -30,7 +31,7 @@ from curvlens._fixed_gradients import (
 from curvlens._intervals import Interval, check_interval_options
 from curvlens._losses import LossReduction, OutputSelector
 from curvlens._losses import loss_reduction as resolve_reduction
-from curvlens._matrix_run import MatrixRun, shared_graph
+from curvlens._matrix_run import MatrixRun, shared_graphs
 from curvlens._modes import BatchNormPolicy
 from curvlens._progress import progress_bar
 from curvlens.kronecker import KroneckerFactors, kronecker_factors
@@ -69,6 +70,7 @@ def analyze_model(
     likelihood: str | None = None,
     memory_budget: int | float | str | None = None,
     batch_norm: BatchNormPolicy | str = BatchNormPolicy.EVAL,
+    curvature_batches: int | None = None,
 ) -> Report:
     """Measure every trainable weight matrix of ``model`` on one fixed batch and analyze it.
 
@@ -123,13 +125,21 @@ def analyze_model(
         batch_norm: ``"eval"`` (running statistics; outputs nearly the same for every sample
             add a warning naming the worst-fitting batch-norm layer) or ``"batch"`` (the batch's
             statistics, running statistics untouched); see :class:`curvlens.BatchNormPolicy`.
+        curvature_batches: with an iterable of batches: measure the curvatures (``h_k``, the
+            Lanczos products, the Kronecker factors) on its first ``curvature_batches``
+            batches, while the gradient, its singular values and directions and the noise
+            floor use every batch (default ``None``: all batches). At least 2: ``h_k`` of the
+            first and of the second half of them give each layer's ``curvature_noise``. The
+            report's meta records ``batch_size`` (gradient samples) and
+            ``curvature_samples``; why this is sound: the measurement guide.
 
     Returns:
         A :class:`Report` with one :class:`LayerReport` per matrix (tied weights once, with
         every name in ``aliases``).
 
     Raises:
-        ValueError: empty batch, bad option, unknown layer, no trainable matrix.
+        ValueError: empty batch, bad option (``curvature_batches`` with one batch, below 2 or
+            above the number of batches), unknown layer, no trainable matrix.
         RuntimeError: a NaN/Inf loss on the fixed batch.
 
     Example:
@@ -151,6 +161,7 @@ def analyze_model(
                                         and 0 < lanczos_tol < 1):
         raise ValueError(f"lanczos_tol must be None or a number in (0, 1), got {lanczos_tol!r}")
     data = fixed_data(inputs, targets)
+    _check_curvature_batches(curvature_batches, data.single)
     args, targets = (_as_inputs(inputs), targets) if data.single else next(iter(data))
     batch = int(args[0].shape[0])
     reduction = resolve_reduction(loss_fn, loss_reduction)
@@ -166,16 +177,25 @@ def analyze_model(
                              "parameter with >= 2 dimensions and requires_grad=True)")
         data = (fixed_data(args, targets) if data.single  # the prepared batch
                 else FixedData(_Prepared(data, model, loss_fn), single=False))
-        grads = mean_gradients(model, loss_fn, data, found)
-        batch, halves = data.total, data.halves()
+        grads, halves = ((mean_gradients(model, loss_fn, data, found), None) if data.single
+                         else gradients_and_halves(model, loss_fn, data, found))
+        batch, count = data.total, len(data.sizes)
         if not noise_floor or (batch < 2 and halves is None):
             noise = {}
         elif halves is None:  # one batch: its two halves
             noise = half_batch_noise(model, _as_mean(raw_loss, reduction, batch // 2), args,
                                      targets, found)
         else:  # the first and the second half of the batches
-            noise = noise_norms(*(mean_gradients(model, loss_fn, h, found) for h in halves))
-        source = (args, targets) if data.single else (data.source, None)
+            noise = noise_norms(*halves)
+        del halves
+        if curvature_batches is not None and curvature_batches > count:
+            raise ValueError(f"curvature_batches={curvature_batches}, but the fixed data has "
+                             f"only {count} batches; pass at most {count}")
+        cdata, count = ((data, count) if curvature_batches is None
+                        else (data.head(curvature_batches), curvature_batches))
+        curvature_samples = sum(data.sizes[:count])
+        source = ((args, targets) if data.single else (data.source, None)
+                  if curvature_batches is None else (cdata.source, None))
         factors, missing = _factors(model, raw_loss, *source, found, kronecker_mode,
                                     kronecker_backend, factor_options)
         notes = _measurement_notes(kronecker_mode, kronecker_backend, batch) + ms.notes
@@ -183,31 +203,47 @@ def analyze_model(
             notes.append(f"fixed data: {len(data.sizes)} batches, measured as the mean over all "
                          f"{batch} samples" + ("; noise floor from the first and the second half "
                                                "of the batches" if noise else ""))
+        if curvature_batches is not None:
+            notes.append(f"curvatures (h_k, Lanczos, Kronecker factors) measured on the first "
+                         f"{count} batches ({curvature_samples} samples, curvature_batches="
+                         f"{count}); gradient, its SVD and the noise floor on all {batch}")
         if not noise:
             notes.append("no noise floor: " + ("disabled (noise_floor=False)" if not noise_floor
                                                else "needs a batch of at least 2 samples"))
         reports: dict[str, LayerReport] = {}
         budget = resolve_budget(memory_budget, args[0].device)
         act = activation_bytes(model, args)
-        graph = (shared_graph(model, loss_fn, args, targets, found, budget, act)
-                 if data.single else None)
+        graphs = shared_graphs(model, loss_fn, cdata, count, found, budget, act)
         fit = dict(paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
                    interval=interval, level=level, trust=trust)
         for name, info in progress_bar(found.items(), desc="analyze", unit="matrix",
                                        leave=False, total=len(found)):
-            measure = MatrixRun(model, loss_fn, data, source, info, top_k, lanczos_k, seed, fit,
-                                notes, budget, act, graph, lanczos_tol)
+            measure = MatrixRun(model, loss_fn, cdata, source, info, top_k, lanczos_k, seed, fit,
+                                notes, budget, act, graphs, lanczos_tol, batch)
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
                                     missing.get(name))
-        del graph
+        del graphs
     ms.warn(reports.values())
     info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
             "loss_reduction": reduction.value,
             "kronecker_backend": str(kronecker_backend), "batch_size": batch,
+            "curvature_samples": curvature_samples,
             "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed,
             "interval": interval.value, "ci_level": level,
             "batch_norm": ms.policy.value}
     return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
+
+
+def _check_curvature_batches(value: int | None, single: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"curvature_batches must be None or an int >= 2 (the first and the "
+                         f"second half of those batches give the curvature noise), got {value!r}")
+    if single:
+        raise ValueError("curvature_batches needs the fixed data as an iterable of (inputs, "
+                         "targets) batches with targets=None; one batch was given: pass it as a "
+                         "list of batches, or leave curvature_batches=None")
 
 
 class _Prepared:

@@ -101,8 +101,10 @@ class LayerReport:
         bic_best: rank-profile model of ``sigma`` with the lowest BIC; bic, aic: all three scores.
         noise_norm: ``||(G1 - G2) / 2||_2`` of two half-batch gradients; noise_floor: twice it;
             k_kept: number of ``sigma_k`` above the floor; alpha_above_floor: alpha over those.
-        n_samples: samples in the fixed data; samples_needed: samples for all ``K`` singular
+        n_samples: samples of the gradient; samples_needed: samples for all ``K`` singular
             values to clear the floor (it falls as ``1/sqrt(N)``; a lower bound).
+        curvature_noise: median over the window of ``|h1_k - h2_k| / |h1_k + h2_k|``, ``h_k``
+            on two halves of the curvature samples (about 0.67 times its relative error).
         trust_flags: ``{exponent: codes}`` for alpha, gamma, s_rayleigh, s_lanczos; ``""`` when
             the fit can be trusted, else comma-separated ``undefined``, ``noise_floor``,
             ``few_points``, ``poor_fit`` (:mod:`curvlens.trust`).
@@ -167,6 +169,7 @@ class LayerReport:
     alpha_above_floor: float = _NAN
     n_samples: int = 0
     samples_needed: float = _NAN
+    curvature_noise: float = _NAN
     s_window: int = 0
     s_rayleigh_common: float = _NAN
     s_lanczos_common: float = _NAN

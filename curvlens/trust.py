@@ -11,7 +11,15 @@ signal. :func:`trust_flags` marks, per exponent (``alpha``, ``gamma``, ``s_rayle
   directions are mostly sampling noise). It applies to the exponents built on the gradient's
   directions (``alpha``, ``gamma``, ``s_rayleigh``), not to the Hessian block's own eigenvalues;
 * ``"few_points"``: fewer than ``min_points`` points in the fit;
-* ``"poor_fit"``: :math:`R^2` of the log-log fit below ``min_r2``.
+* ``"poor_fit"``: :math:`R^2` of the log-log fit below ``min_r2``;
+* ``"curvature_noise"``: the ``h_k`` of two disjoint halves of the samples differ too much:
+  the median over the window of ``|h1_k - h2_k| / |h1_k + h2_k|`` exceeds
+  ``max_curvature_noise`` (default 0.1). It applies to the exponents built on ``h_k``
+  (``alpha``, ``s_rayleigh``). For independent halves this ratio is about 0.67 times the
+  relative standard error of ``h_k`` (the median of a folded normal), so 0.1 means about 15%;
+  a log-log slope through ``K = 10`` points spread over a decade of ``sigma`` then moves by
+  about 0.07, an order of magnitude below the differences between layer types that the
+  exponents are read for (0.84, 1.2-1.4, 2).
 
 The floor falls as :math:`1/\sqrt{N}` with the number ``N`` of samples of the fixed data, so
 ``N (\text{floor} / \sigma_K)^2`` samples would lift ``K`` singular values above it
@@ -54,6 +62,8 @@ _NAN = float("nan")
 EXPONENTS = ("alpha", "gamma", "s_rayleigh", "s_lanczos")
 #: Exponents built on the gradient's singular directions (the noise floor applies to them).
 _ON_GRADIENT = ("alpha", "gamma", "s_rayleigh")
+#: Exponents built on the curvatures ``h_k`` (the curvature noise applies to them).
+_ON_CURVATURE = ("alpha", "s_rayleigh")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,11 +75,14 @@ class TrustPolicy:
         min_r2: lowest acceptable :math:`R^2` of the log-log fit (default 0.8).
         floor_fraction: fraction of the window that must lie above the noise floor (default
             0.5, i.e. at least ``K/2`` singular values).
+        max_curvature_noise: largest acceptable ``curvature_noise`` (default 0.1, see the
+            module docstring).
     """
 
     min_points: int = 5
     min_r2: float = 0.8
     floor_fraction: float = 0.5
+    max_curvature_noise: float = 0.1
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_points, int) or self.min_points < 3:
@@ -80,11 +93,14 @@ class TrustPolicy:
         if not 0.0 <= self.floor_fraction <= 1.0:
             raise ValueError(f"TrustPolicy.floor_fraction must be in [0, 1], got "
                              f"{self.floor_fraction!r}")
+        if not self.max_curvature_noise > 0:
+            raise ValueError(f"TrustPolicy.max_curvature_noise must be > 0, got "
+                             f"{self.max_curvature_noise!r}")
 
 
 def trust_flags(fits: dict[str, tuple[float, float, int]], *, window: int,
-                k_above_floor: int | None, policy: TrustPolicy = TrustPolicy()
-                ) -> dict[str, str]:
+                k_above_floor: int | None, policy: TrustPolicy = TrustPolicy(),
+                curvature_noise: float | None = None) -> dict[str, str]:
     """Reasons not to trust each exponent: ``{exponent: "code,code"}``, ``""`` when trusted.
 
     Args:
@@ -93,10 +109,12 @@ def trust_flags(fits: dict[str, tuple[float, float, int]], *, window: int,
         k_above_floor: how many of them lie above the noise floor (``None``: not measured,
             the floor test is skipped).
         policy: the thresholds.
+        curvature_noise: the layer's relative curvature noise (``None`` or NaN: not measured,
+            the test is skipped).
 
     Returns:
         ``{exponent: flags}`` with comma-separated codes among ``undefined``, ``noise_floor``,
-        ``few_points``, ``poor_fit`` (module docstring).
+        ``few_points``, ``poor_fit``, ``curvature_noise`` (module docstring).
 
     Example:
         >>> trust_flags({"alpha": (2.0, 0.95, 20)}, window=20, k_above_floor=3)
@@ -114,6 +132,9 @@ def trust_flags(fits: dict[str, tuple[float, float, int]], *, window: int,
             codes.append("few_points")
         if math.isfinite(value) and not (math.isfinite(r2) and r2 >= policy.min_r2):
             codes.append("poor_fit")
+        if (name in _ON_CURVATURE and curvature_noise is not None
+                and curvature_noise > policy.max_curvature_noise):
+            codes.append("curvature_noise")
         out[name] = ",".join(codes)
     return out
 

@@ -75,17 +75,22 @@ def test_summed_loss_over_unequal_batches_and_streamed_halves():
     batches = _Counted(list(zip(x.split(sizes), y.split(sizes))))
     opts = dict(top_k=3, lanczos_k=2, bootstrap=0)
     whole = analyze_model(model, loss_fn, x, y, **opts)
-    parts = analyze_model(model, loss_fn, batches, None, **opts)
+    # a budget too small for the eight batches' gradient graphs (about 0.2 MB): every product
+    # streams the batches; the default budget keeps the graphs and shares them across matrices
+    streamed = analyze_model(model, loss_fn, batches, None, memory_budget=100_000, **opts)
     # streamed: the batch in use, the next being made, and the first batch of two passes that
     # set up the measurement context; never all eight (the noise floor's halves once were)
     assert batches.peak <= 4
-    for name, rep in whole.layers.items():
-        for field in ("sigma", "h", "h_kron", "lambda_top", "noise_norm", "alpha"):
-            a = torch.as_tensor(getattr(rep, field), dtype=DT)
-            b = torch.as_tensor(getattr(parts.layers[name], field), dtype=DT)
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13, equal_nan=True,
-                                       msg=f"{name} {field}")
-    assert parts.meta["loss_reduction"] == "sum"
+    kept = analyze_model(model, loss_fn, batches, None, **opts)
+    assert batches.peak >= 8
+    for parts in (streamed, kept):
+        for name, rep in whole.layers.items():
+            for field in ("sigma", "h", "h_kron", "lambda_top", "noise_norm", "alpha"):
+                a = torch.as_tensor(getattr(rep, field), dtype=DT)
+                b = torch.as_tensor(getattr(parts.layers[name], field), dtype=DT)
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13, equal_nan=True,
+                                           msg=f"{name} {field}")
+        assert parts.meta["loss_reduction"] == "sum"
 
 
 def test_factors_and_eigenvalues_over_batches_and_unequal_sizes():
