@@ -268,7 +268,8 @@ class FactorAccumulator:
         self._side(self._in, name, rows.shape[1], rows, seed=0).add(rows)
         self._rows_in[name] += rows.shape[0]
 
-    def add_grads(self, name: str, grad: Tensor, *, scale: float, samples: int) -> None:
+    def add_grads(self, name: str, grad: Tensor, *, scale: float, samples: int,
+                  check_finite: bool = True) -> None:
         """Add one backward's output gradient (multiplied by ``scale``) to the gradient side.
 
         Args:
@@ -277,9 +278,10 @@ class FactorAccumulator:
             scale: per-sample scale (see :func:`curvlens.kronecker.batch_scale`).
             samples: how many samples this backward counts for (``B``; 0 for the extra
                 backward passes of the ``"ggn"`` mode, which add to the same samples).
+            check_finite: refuse NaN/Inf in ``grad`` (off where the caller checked already).
         """
         info = self.layers[name]
-        if not torch.isfinite(grad).all():
+        if check_finite and not torch.isfinite(grad).all():
             raise RuntimeError(
                 f"layer {name!r}: NaN or Inf in the output gradient; check the loss and the "
                 "learning rate before measuring curvature"

@@ -166,6 +166,24 @@ def _gram_svd(G: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U.to(G.dtype), S.to(G.dtype), V.to(G.dtype)
 
 
+#: Gram matrices from this side on multiply only their upper block triangle (8 block rows)
+_BLOCKED_GRAM_FROM = 256
+
+
+def _gram(A: Tensor) -> Tensor:
+    """``A A^T`` for ``A [r, c]``. From side :data:`_BLOCKED_GRAM_FROM` on, one product per
+    block row computes that row's diagonal block and the blocks right of it (36 of 64 blocks,
+    about 45% fewer multiply-adds than the full product), and the lower triangle is mirrored."""
+    r = A.shape[0]
+    if r < _BLOCKED_GRAM_FROM:
+        return A @ A.mT
+    gram = A.new_zeros(r, r)
+    edges = [r * i // 8 for i in range(9)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        gram[a:b, a:] = A[a:b] @ A[a:].mT
+    return gram.triu() + gram.triu(1).mT
+
+
 def _refined(A: Tensor, gram: Tensor, k: int, subspace: bool) -> Tensor:
     """Top-``k`` eigenvalues of ``A A^T`` (descending, float64).
 
@@ -188,7 +206,7 @@ def gram_singular_values(G: Tensor, k: int | None = None, *, rtol: float = 1e-5)
     r"""Top-``k`` singular values of ``G [m, n]`` from its smaller Gram matrix, descending.
 
     ``sigma_k = sqrt(lambda_k(G G^T))`` (or ``G^T G``, whichever is smaller). The Gram matrix is
-    first formed in the input's precision and decomposed in float64; its rounding error moves
+    first formed and decomposed in the input's precision; their rounding error moves
     ``sigma_k`` by about ``eps * (sigma_1 / sigma_k)^2`` relative, so when that estimate exceeds
     ``rtol`` for the smallest wanted value the values are refined in float64: by Rayleigh-Ritz
     on the Gram's top ``k + 10`` eigenvectors while that estimate is small, else from the
@@ -222,8 +240,10 @@ def gram_singular_values(G: Tensor, k: int | None = None, *, rtol: float = 1e-5)
     k = min(A.shape[0], A.shape[0] if k is None else int(k))
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")
-    gram = (A @ A.mT).to(torch.float64)
-    evals = torch.linalg.eigvalsh(gram).flip(0)[:k].clamp_min(0)
+    gram = _gram(A)
+    # decomposed in the Gram's precision: its rounding error is of the size the Gram's own
+    # (``eps * lambda_1``), which the refinement below accounts for
+    evals = torch.linalg.eigvalsh(gram).flip(0)[:k].clamp_min(0).to(torch.float64)
     if A.dtype != torch.float64 and float(evals[0]) > 0:
         eps = torch.finfo(A.dtype).eps
         smallest = float(evals[-1])
