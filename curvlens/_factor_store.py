@@ -110,6 +110,7 @@ class FactorSide:
         self.state = "diag"
         self.diag = torch.zeros(dim, dtype=dtype, device=device)  # [d] (diag and sketch states)
         self.dense: Tensor | None = None  # [d, d]
+        self.order: Tensor | None = None  # [d]: dense[i, j] sums entry (order[i], order[j])
         self.Y: Tensor | None = None  # [d, l], the sketch C Omega
         self._omega: Tensor | None = None
 
@@ -130,17 +131,30 @@ class FactorSide:
                 return
             self._widen("dense" if self.dense_ok else "sketch")
         if self.state == "dense":
-            self._add_dense(rows)
+            self._add_dense(rows if self.order is None else rows[:, self.order])
         else:
             self.diag += rows.square().sum(0)
             self.Y.addmm_(rows.mT, rows @ self.omega())
 
-    def dense_sum(self) -> Tensor | None:
-        """The dense ``[d, d]`` sum, for adding a whole symmetric contribution in place
-        (a diagonal side that fits turns dense); ``None`` for a sketched side."""
+    def dense_sum(self, order: Tensor | None = None) -> Tensor | None:
+        """The dense ``[d, d]`` sum with rows and columns in ``order`` (``None``: natural),
+        for adding a whole symmetric contribution in place (a diagonal side that fits turns
+        dense); ``None`` for a sketched side."""
         if self.state == "diag" and self.dense_ok:
             self._widen("dense")
-        return self.dense if self.state == "dense" else None
+            if order is not None:
+                self.dense, self.order = self.dense[order][:, order], order
+        if self.state != "dense":
+            return None
+        if not _same_order(order, self.order):
+            self._reorder(order)
+        return self.dense
+
+    def _reorder(self, order: Tensor | None) -> None:
+        """Store the dense sum with rows and columns in ``order`` (``None``: natural)."""
+        full = self._full_dense()
+        self.dense = full if order is None else full[order][:, order]
+        self.order = order
 
     def _blocks(self) -> list[tuple[slice, slice]]:
         """The upper-triangular blocks ``(rows, cols)`` a blocked dense sum updates."""
@@ -158,13 +172,17 @@ class FactorSide:
             self.dense[r, c].addmm_(rows[:, r].mT, rows[:, c])
 
     def _full_dense(self) -> Tensor:
-        """The symmetric dense sum (the lower blocks mirrored from the upper ones)."""
-        if self.dim < _BLOCKED_FROM:
-            return self.dense
-        full = self.dense.clone()
-        for r, c in self._blocks():
-            if r != c:
-                full[c, r] = full[r, c].mT
+        """The symmetric dense sum (the lower blocks mirrored from the upper ones), in the
+        natural order."""
+        full = self.dense
+        if self.dim >= _BLOCKED_FROM:
+            full = full.clone()
+            for r, c in self._blocks():
+                if r != c:
+                    full[c, r] = full[r, c].mT
+        if self.order is not None:
+            inverse = torch.argsort(self.order)
+            full = full[inverse][:, inverse]
         return full
 
     def _widen(self, state: str) -> None:
@@ -180,6 +198,8 @@ class FactorSide:
         """Sum over all processes (every process must call it); the widest form wins."""
         if not is_distributed():
             return
+        if self.order is not None:  # every process sums in the natural order
+            self._reorder(None)
         order = ("diag", "dense", "sketch")
         flags = torch.zeros(3, dtype=torch.float64, device=self.device)
         flags[order.index(self.state)] = 1.0
@@ -208,6 +228,12 @@ class FactorSide:
             d = self.diag / count
             return torch.diag(d) if self.dim <= DENSE_DIAGONAL_UP_TO else DiagonalFactor(d)
         return nystrom(self.Y / count, self.omega(), self.diag / count, self.dtype)
+
+
+def _same_order(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 class FactorAccumulator:
@@ -260,9 +286,9 @@ class FactorAccumulator:
         if moments is not None:  # the exact sum without forming the rows (conv patches)
             dim = self._sides(name)[0]
             like = x if x.is_floating_point() else info.weight
-            dense = self._side(self._in, name, dim, like, seed=0).dense_sum()
+            dense = self._side(self._in, name, dim, like, seed=0).dense_sum(moments.order)
             if dense is not None:
-                self._rows_in[name] += moments(dense)
+                self._rows_in[name] += moments.add(dense)
                 return
         rows = info.spec.input_rows(info.module, x)  # [N, dim]
         self._side(self._in, name, rows.shape[1], rows, seed=0).add(rows)

@@ -75,10 +75,10 @@ class LayerSpec:
             (``args[0]``) and output; else ``(module, {name: LayerInfo}, capture) -> handles``,
             which registers its own hooks and feeds ``capture.save_input(name, x, samples)``
             and ``capture.watch(name, call, y, select)`` (see :class:`curvlens.hooks.Capture`).
-        input_moments: optional ``(module, input) -> add or None``: a cheaper exact route to
-            the input side's sum of ``r r^T`` than ``input_rows`` (``None``: not for this
-            module or input). ``add(out)`` adds the sum into a dense ``out [d, d]`` in place
-            (both triangles) and returns the number of rows (see
+        input_moments: optional ``(module, input) -> PatchMoments or None``: a cheaper exact
+            route to the input side's sum of ``r r^T`` than ``input_rows`` (``None``: not for
+            this module or input); its ``add(out)`` adds the sum into a dense ``out [d, d]``
+            in place, rows and columns in its ``order``, and returns the number of rows (see
             :func:`curvlens._conv_moments.conv2d_patch_moments`).
     """
 
@@ -89,7 +89,7 @@ class LayerSpec:
     locations: Callable[[nn.Module, Tensor], int]
     inputs_are_columns: bool = True
     attach: Callable[..., list[Any]] | None = None
-    input_moments: Callable[[nn.Module, Tensor], Callable[[Tensor], int] | None] | None = None
+    input_moments: Callable[[nn.Module, Tensor], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -49,13 +49,17 @@ def test_patch_moments_equal_the_unfolded_sum(kernel, padding, dilation, H, W):
     conv = nn.Conv2d(3, 2, kernel, padding=padding, dilation=dilation).double()
     x = torch.randn(4, 3, H, W, dtype=torch.float64)
     want, rows = _unfolded_sum(conv, x)
-    add = conv2d_patch_moments(conv, x)
+    moments = conv2d_patch_moments(conv, x)
+    order = moments.order  # tap-major: order[t * C + c] = c * taps + t
+    taps = want.shape[0] // 3
+    assert order.tolist() == [c * taps + t for t in range(taps) for c in range(3)]
     out = torch.full_like(want, 0.5)  # adds to what is there
-    assert add(out) == rows == x.shape[0] * conv(x)[0, 0].numel()
-    torch.testing.assert_close(out - 0.5, want, rtol=1e-12, atol=1e-12)
+    assert moments.add(out) == rows == x.shape[0] * conv(x)[0, 0].numel()
+    torch.testing.assert_close(out - 0.5, want[order][:, order], rtol=1e-12, atol=1e-12)
     one = torch.zeros_like(want)  # an unbatched input counts as one sample
-    assert conv2d_patch_moments(conv, x[0])(one) == rows // x.shape[0]
-    torch.testing.assert_close(one, _unfolded_sum(conv, x[:1])[0], rtol=1e-12, atol=1e-12)
+    assert conv2d_patch_moments(conv, x[0]).add(one) == rows // x.shape[0]
+    torch.testing.assert_close(one, _unfolded_sum(conv, x[:1])[0][order][:, order], rtol=1e-12,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("conv", [
@@ -90,3 +94,36 @@ def test_factors_of_a_stride1_network_equal_the_unfolded_factors():
             want, rows = _unfolded_sum(layer, h)
             torch.testing.assert_close(factors[str(i)].C_A, want / rows, rtol=1e-10, atol=1e-14)
         h = layer(h)
+
+
+@pytest.mark.parametrize("dim_channels", [3, 64])  # 27: one block; 576: the blocked dense sum
+def test_side_in_tap_order_takes_rows_and_reads_in_weight_order(dim_channels, monkeypatch):
+    """A factor side summed in tap-major order still takes unfolded rows, hands out the
+    weight-order factor, switches order on request and all-reduces in weight order."""
+    import curvlens._factor_store as store
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(dim_channels, 2, 3, padding=1).double()
+    x1, x2 = (torch.randn(2, dim_channels, 4, 5, dtype=torch.float64) for _ in range(2))
+    (want1, n1), (want2, n2) = _unfolded_sum(conv, x1), _unfolded_sum(conv, x2)
+    dim = want1.shape[0]
+    side = store.FactorSide(dim, dtype=torch.float64, device=torch.device("cpu"),
+                            budget=1 << 30, layer="conv")
+    moments = conv2d_patch_moments(conv, x1)
+    assert moments.add(side.dense_sum(moments.order)) == n1
+    rows = F.unfold(x2, 3, padding=1).transpose(1, 2).reshape(-1, dim)
+    side.add(rows)  # permuted into the side's order
+    want = (want1 + want2) / (n1 + n2)
+    torch.testing.assert_close(side.finish(n1 + n2), want, rtol=1e-12, atol=1e-12)
+    twin = side.copy()
+    side.dense_sum(None)  # back to weight order
+    assert side.order is None
+    torch.testing.assert_close(side.finish(n1 + n2), want, rtol=1e-12, atol=1e-12)
+    side.dense_sum(moments.order)
+    torch.testing.assert_close(side.finish(n1 + n2), want, rtol=1e-12, atol=1e-12)
+    # a one-process "group": all_reduce must leave the sum in weight order, unchanged
+    monkeypatch.setattr(store, "is_distributed", lambda: True)
+    monkeypatch.setattr(store, "all_reduce_sum", lambda t: t)
+    twin.all_reduce()
+    assert twin.order is None
+    torch.testing.assert_close(twin.finish(n1 + n2), want, rtol=1e-12, atol=1e-12)
