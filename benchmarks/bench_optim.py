@@ -27,10 +27,13 @@ Protocol (CPU, one thread per run, float32, ``--jobs`` processes):
   ``--epochs F`` runs a fraction ``F`` of each task's epochs.
 * Metrics: final test loss and accuracy (mean and min-max over seeds); the first epoch at which
   each run's training loss (whole digits training set; chars: two fixed batches) reaches AdamW's
-  mean final training loss; mean optimizer-step and epoch times.
+  mean final training loss -- a run that has not reached it by its last epoch is re-run (same
+  seed, same constant lr) and trained on up to ``--horizon`` times the epochs only to count this
+  (its test metrics stay those of the last protocol epoch; "-": not by the horizon); mean
+  optimizer-step and epoch times.
 
 Usage: ``python benchmarks/bench_optim.py [--quick] [--task digits|chars|vit|all] [--jobs N]
-[--out DIR] [--schedule constant|cosine] [--epochs F]``; writes
+[--out DIR] [--schedule constant|cosine] [--epochs F] [--horizon H]``; writes
 ``bench_optim[_TASK].{json,png,md}`` (the table) and prints the log.
 ``--quick`` is a smoke run (one lr per method, 2 epochs, 1 seed) used by the tests.
 """
@@ -44,13 +47,15 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_optim_report import adamw_target, plot, report, table  # noqa: E402
 
 from curvlens._tasks import (  # noqa: E402
     CharTransformer,
@@ -78,6 +83,7 @@ LR_GRID = {
 EPOCHS = {"digits": 30, "chars": 12, "vit": 20}
 SCHEDULES = ("constant", "cosine")  # cosine: every lr times 0.5 (1 + cos(pi t / T)), T: all steps
 SEEDS = 3
+HORIZON = 3.0  # epochs to AdamW's final train loss are counted up to this multiple of the epochs
 
 
 class MuonWithAdamW:
@@ -119,6 +125,7 @@ class Run:
     epoch_time: float = 0.0  # mean seconds per training epoch
     diverged: bool = False
     companion_lr: float | None = None  # Muon's AdamW part
+    extra_train_loss: list[float] = field(default_factory=list)  # after the last epoch, to target
 
 
 _DATA: dict = {}
@@ -145,9 +152,13 @@ def _data(task: str):
 
 
 def run_one(task: str, method: str, lr: float, seed: int, epochs: int,
-            companion_lr: float = 3e-3, schedule: str = "constant") -> Run:
+            companion_lr: float = 3e-3, schedule: str = "constant", target: float | None = None,
+            horizon: int = 0) -> Run:
     """Train one model from scratch; evaluate after every epoch (``companion_lr``: Muon's AdamW
-    part; ``schedule``: one of ``SCHEDULES``)."""
+    part; ``schedule``: one of ``SCHEDULES``). With a ``target`` training loss not reached in
+    ``epochs``, keep training (same constant lr) up to epoch ``horizon``, only to count the epochs
+    to it: ``extra_train_loss`` gets those epochs' training losses, the other metrics stay at
+    ``epochs``."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1000 + seed)
     torch.manual_seed(seed)
@@ -191,7 +202,9 @@ def run_one(task: str, method: str, lr: float, seed: int, epochs: int,
 
     run = Run(companion_lr=companion_lr if method == "muon" else None)
     step_times, epoch_times = [], []
-    for _ in range(epochs):
+
+    def train_epoch() -> None:
+        nonlocal t_step
         epoch_batches = batches()
         t_epoch = time.perf_counter()
         for x, y in epoch_batches:
@@ -207,6 +220,9 @@ def run_one(task: str, method: str, lr: float, seed: int, epochs: int,
             opt.step()
             step_times.append(time.perf_counter() - t)
         epoch_times.append(time.perf_counter() - t_epoch)
+
+    for _ in range(epochs):
+        train_epoch()
         model.eval()
         ev = evaluate()
         model.train()
@@ -217,6 +233,14 @@ def run_one(task: str, method: str, lr: float, seed: int, epochs: int,
         if not all(math.isfinite(ev[k][0]) for k in ev):
             run.diverged = True
             break
+    if target is not None and not total_steps and not run.diverged:  # only a constant lr extends
+        evals = {"train": evals["train"]}
+        while min(run.train_loss + run.extra_train_loss) > target and (
+                epochs + len(run.extra_train_loss) < horizon):
+            train_epoch()
+            model.eval()
+            run.extra_train_loss.append(evaluate()["train"][0])
+            model.train()
     run.step_time = sum(step_times) / max(len(step_times), 1)
     run.epoch_time = sum(epoch_times) / max(len(epoch_times), 1)
     return run
@@ -228,10 +252,6 @@ def _run_job(job: tuple) -> Run:
 
 def _val(run: Run) -> float:
     return math.inf if run.diverged or not run.val_loss else run.val_loss[-1]
-
-
-def _stats(xs: list[float]) -> str:
-    return f"{sum(xs) / len(xs):.4f} [{min(xs):.4f}, {max(xs):.4f}]" if xs else "n/a"
 
 
 def sweep_task(task: str, grids: dict, seeds: int, epochs: int, pool, log=print,
@@ -265,77 +285,25 @@ def sweep_task(task: str, grids: dict, seeds: int, epochs: int, pool, log=print,
             for m in METHODS}
 
 
-def report(task: str, results: dict, log=print) -> dict:
-    """Summary rows per method, printed as a table."""
-    target = sum(r.train_loss[-1] for r in results["adamw"][1]) / len(results["adamw"][1])
-
-    def mean(runs, attr):
-        return sum(getattr(r, attr) for r in runs) / len(runs)
-
-    muon_step = mean(results["muon"][1], "step_time")
-    log(f"\n== {task}: final test metrics (mean [min, max] over seeds); AdamW's final train loss "
-        f"{target:.4g}")
-    log(f"{'method':<7} {'lr':>7} {'test loss':>26} {'test acc':>26} {'epochs to AdamW':>16} "
-        f"{'step/Muon':>9}")
-    summary = {}
+def extend(task: str, results: dict, epochs: int, horizon: int, pool, log=print,
+           schedule: str = "constant") -> None:
+    """Re-run (same seed, same constant lr) each final run that has not reached AdamW's mean final
+    training loss by its last epoch, up to epoch ``horizon``, and attach the training losses
+    after the last epoch to it; its other metrics stay those of the protocol's ``epochs``."""
+    if horizon <= epochs or schedule != "constant":
+        return
+    target, futures = adamw_target(results), {}
     for m, (lr, runs) in results.items():
-        reach = []
-        for r in runs:
-            hit = [e + 1 for e, tl in enumerate(r.train_loss) if tl <= target]
-            reach.append(hit[0] if hit else None)
-        row = dict(lr=lr, companion_lr=runs[0].companion_lr,
-                   test_loss=[r.test_loss[-1] for r in runs],
-                   test_acc=[r.test_acc[-1] for r in runs],
-                   train_loss=[r.train_loss[-1] for r in runs], epochs_to_adamw=reach,
-                   step_ms=1e3 * mean(runs, "step_time"),
-                   step_vs_muon=mean(runs, "step_time") / muon_step,
-                   epoch_s=mean(runs, "epoch_time"), diverged=sum(r.diverged for r in runs),
-                   runs=[asdict(r) for r in runs])
-        summary[m] = row
-        log(f"{m:<7} {lr:>7g} {_stats(row['test_loss']):>26} {_stats(row['test_acc']):>26} "
-            f"{','.join('-' if e is None else str(e) for e in reach):>16} "
-            f"{row['step_vs_muon']:>9.2f}" + (f"  diverged={row['diverged']}"
-                                              if row["diverged"] else ""))
-    return summary
-
-
-def table(summary: dict) -> str:
-    """A Markdown table of the summary (what README and the docs quote)."""
-    lines = ["| task | method | lr | test loss | test accuracy | epochs to AdamW's train loss |",
-             "|---|---|---|---|---|---|"]
-    for task, rows in summary.items():
-        for m, row in rows.items():
-            reach = ",".join("-" if e is None else str(e) for e in row["epochs_to_adamw"])
-            lr = f"{row['lr']:g}" + (f" (AdamW {c:g})" if (c := row.get("companion_lr")) else "")
-            lines.append(f"| {task} | {m} | {lr} | {_stats(row['test_loss'])} | "
-                         f"{_stats(row['test_acc'])} | {reach} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, path: str) -> None:
-    """Train loss and test loss per epoch (mean, min-max over seeds) for each task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(summary)
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.8 * len(tasks)), squeeze=False)
-    for row, task in enumerate(tasks):
-        for m, res in summary[task].items():
-            for ax, attr in zip(axes[row], ("train_loss", "test_loss")):
-                curves = [r[attr] for r in res["runs"]]
-                n = min(len(c) for c in curves)
-                ys = torch.tensor([c[:n] for c in curves])
-                ep = range(1, n + 1)
-                ax.plot(ep, ys.mean(0), label=f"{m} lr={res['lr']:g}")
-                ax.fill_between(ep, ys.min(0).values, ys.max(0).values, alpha=0.2)
-                ax.set_title(f"{task}: {attr.replace('_', ' ')} (mean, min-max over seeds)")
-                ax.set_xlabel("epoch")
-        axes[row][0].set_yscale("log")
-        axes[row][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        comp = results["adamw"][0]
+        for s, r in enumerate(runs):
+            if min(r.train_loss) > target and not r.diverged:
+                futures[(m, s)] = pool.submit(
+                    _run_job, (task, m, lr, s, epochs, comp, schedule, target, horizon))
+    for (m, s), fut in futures.items():
+        again, run = fut.result(), results[m][1][s]
+        if again.train_loss != run.train_loss:  # not reproducible: say so, count the re-run's
+            log(f"  [{task}] {m} seed {s}: the re-run's first {epochs} epochs differ")
+        run.extra_train_loss = again.extra_train_loss
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -348,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="learning-rate schedule of every method (cosine: to zero at the end)")
     ap.add_argument("--epochs", type=float, default=1.0,
                     help="fraction of each task's epochs to run (1: the full protocol)")
+    ap.add_argument("--horizon", type=float, default=HORIZON,
+                    help="count epochs to AdamW's final train loss up to this multiple of the "
+                         "epochs, training on at the same constant lr (1: within the run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     tasks = list(TASKS) if args.task == "all" else [args.task]
@@ -364,7 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
             grids = {m: ([g[len(g) // 2]] if args.quick else g) for m, g in LR_GRID[task].items()}
             epochs = 2 if args.quick else max(1, round(EPOCHS[task] * args.epochs))
             results = sweep_task(task, grids, seeds, epochs, pool, schedule=args.schedule)
-            summary[task] = report(task, results)
+            horizon = epochs if args.schedule != "constant" else round(epochs * args.horizon)
+            extend(task, results, epochs, horizon, pool, schedule=args.schedule)
+            summary[task] = report(task, results, horizon)
             with open(stem + ".json", "w") as f:  # after every task: partial results survive
                 json.dump(summary, f, indent=1)
             print(f"  ({time.perf_counter() - t0:.0f}s so far)", flush=True)

@@ -537,6 +537,26 @@ def test_benchmark_quick_smoke(tmp_path):
     assert all(row["test_loss"][0] > 0 for row in summary.values())
     assert (tmp_path / "bench_optim_digits.png").stat().st_size > 0
     assert "| digits | sn |" in (tmp_path / "bench_optim_digits.md").read_text()
+    assert all(row["horizon"] == 6 and all(e is None or 1 <= e <= 6 for e in row["epochs_to_adamw"])
+               for row in summary.values())
+
+
+def test_benchmark_counts_epochs_to_target_past_the_last_epoch():
+    """A run that has not reached the target trains on at the same lr, up to the horizon, and
+    only its training loss is recorded there; one that has reached it stops."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from bench_optim import run_one
+
+    ran = run_one("digits", "adamw", 0.01, 0, 1, target=1e-12, horizon=3)
+    assert len(ran.train_loss) == len(ran.test_loss) == 1 and len(ran.extra_train_loss) == 2
+    assert ran.extra_train_loss[-1] < ran.train_loss[0]  # it kept training
+    reached = run_one("digits", "adamw", 0.01, 0, 1, target=ran.train_loss[0], horizon=3)
+    assert reached.extra_train_loss == []
+    cosine = run_one("digits", "adamw", 0.01, 0, 1, schedule="cosine", target=1e-12, horizon=3)
+    assert cosine.extra_train_loss == []  # a decayed schedule has no "same lr" to go on with
 
 
 @pytest.mark.slow
