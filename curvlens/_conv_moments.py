@@ -18,9 +18,9 @@ ResNet-18 at 32 x 32 inputs this takes 4.6x fewer multiply-adds than the unfolde
 block triangle on the 8 x 8 maps, 5.5x on 4 x 4, 7x on 2 x 2 and 46x on 1 x 1 maps (where
 eight of the nine taps only ever see padding). The sum is exact: the same terms, added in
 another order (and, across the strips, subtracted again: rounding of the size of the sums').
-The sum is written in tap-major order (a block of two taps is a contiguous submatrix);
-:class:`curvlens._factor_store.FactorSide` keeps that order and hands out the factor in the
-weight's order.
+The sum is written in tap-major order (a block of two taps is a contiguous submatrix), upper
+block triangle only; :class:`curvlens._factor_store.FactorSide` keeps that order, mirrors the
+upper triangle and hands out the factor in the weight's order.
 
 Used by the convolution adapter (:mod:`curvlens.adapters`) for ``nn.Conv2d`` with stride 1, one
 group, zero padding and a kernel of more than one tap; any other convolution is unfolded.
@@ -105,8 +105,10 @@ class PatchMoments(NamedTuple):
         order: ``[d]`` long: the ``weight.flatten(1)`` index of each row and column ``add``
             writes (tap-major: ``order[t * C + c] = c * taps + t``), so that a block of two taps
             is a contiguous ``C x C`` submatrix.
-        add: ``add(out)`` adds the sum to ``out [d, d]`` in place, in ``order`` (both
-            triangles, in ``out``'s dtype), and returns the number of patches.
+        add: ``add(out)`` adds the sum to ``out [d, d]`` in place, in ``order`` and in
+            ``out``'s dtype, and returns the number of patches. It adds to the upper block
+            triangle (the blocks of taps ``i <= j``, which hold the upper triangle); the
+            lower blocks are left as they are (the sum is symmetric).
     """
 
     order: Tensor
@@ -169,10 +171,8 @@ def conv2d_patch_moments(module: nn.Module, x: Tensor) -> PatchMoments | None:
                                for *_, dr, dc in keys], 1)
             products = (left.mT @ right).split(C, 1)  # [C, C] each
             for key, S in zip(keys, products):
-                for ti, tj, sign in pairs[key]:
+                for ti, tj, sign in pairs[key]:  # ti <= tj: the upper block triangle
                     out[ti * C:(ti + 1) * C, tj * C:(tj + 1) * C].add_(S, alpha=sign)
-                    if tj != ti:
-                        out[tj * C:(tj + 1) * C, ti * C:(ti + 1) * C].add_(S.mT, alpha=sign)
         return B * out_h * out_w
 
     return PatchMoments(order, add)

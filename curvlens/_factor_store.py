@@ -136,14 +136,13 @@ class FactorSide:
             self.diag += rows.square().sum(0)
             self.Y.addmm_(rows.mT, rows @ self.omega())
 
-    def dense_sum(self, order: Tensor | None = None) -> Tensor | None:
-        """The dense ``[d, d]`` sum with rows and columns in ``order`` (``None``: natural),
-        for adding a whole symmetric contribution in place (a diagonal side that fits turns
-        dense); ``None`` for a sketched side."""
+    def dense_sum(self, order: Tensor) -> Tensor | None:
+        """The dense ``[d, d]`` sum with rows and columns in ``order``, for adding a symmetric
+        contribution in place: only the upper triangle (``i <= j``) is read, the lower one is
+        mirrored from it. A diagonal side that fits turns dense; ``None`` for a sketched side."""
         if self.state == "diag" and self.dense_ok:
             self._widen("dense")
-            if order is not None:
-                self.dense, self.order = self.dense[order][:, order], order
+            self.dense, self.order = self.dense[order][:, order], order
         if self.state != "dense":
             return None
         if not _same_order(order, self.order):
@@ -172,17 +171,17 @@ class FactorSide:
             self.dense[r, c].addmm_(rows[:, r].mT, rows[:, c])
 
     def _full_dense(self) -> Tensor:
-        """The symmetric dense sum (the lower blocks mirrored from the upper ones), in the
-        natural order."""
-        full = self.dense
-        if self.dim >= _BLOCKED_FROM:
-            full = full.clone()
-            for r, c in self._blocks():
-                if r != c:
-                    full[c, r] = full[r, c].mT
-        if self.order is not None:
+        """The symmetric dense sum in the natural order (the lower blocks mirrored from the upper
+        ones; in another order, the lower triangle from the upper one)."""
+        if self.order is not None:  # its upper triangle, in its order
             inverse = torch.argsort(self.order)
-            full = full[inverse][:, inverse]
+            return (self.dense.triu() + self.dense.triu(1).mT)[inverse][:, inverse]
+        if self.dim < _BLOCKED_FROM:
+            return self.dense
+        full = self.dense.clone()
+        for r, c in self._blocks():
+            if r != c:
+                full[c, r] = full[r, c].mT
         return full
 
     def _widen(self, state: str) -> None:

@@ -78,7 +78,8 @@ class LayerSpec:
         input_moments: optional ``(module, input) -> PatchMoments or None``: a cheaper exact
             route to the input side's sum of ``r r^T`` than ``input_rows`` (``None``: not for
             this module or input); its ``add(out)`` adds the sum into a dense ``out [d, d]``
-            in place, rows and columns in its ``order``, and returns the number of rows (see
+            in place (at least its upper triangle), rows and columns in its ``order``, and
+            returns the number of rows (see
             :func:`curvlens._conv_moments.conv2d_patch_moments`).
     """
 
