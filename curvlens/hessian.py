@@ -20,7 +20,6 @@ Eigenvalues, trace and density of these operators are in :mod:`curvlens.hessian_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -34,15 +33,14 @@ from curvlens._functional_model import (
     as_tuple,
     check_batch,
     check_loss,
-    checked_loss,
     loss_with,
     no_fused_attention,
     param_name,
     trainable_parameters,
 )
+from curvlens._grad_graph import GradGraph, LossFn, hvp_curvature, layer_hvp
 from curvlens._modes import BatchNormPolicy, measurement_mode
 from curvlens._substitutes import (
-    NoDerivativeError,
     explain_autograd_error,
     watch_forward_unsafe,
 )
@@ -58,8 +56,6 @@ __all__ = [
     "model_hvp",
 ]
 
-LossFn = Callable[[Any, Any], Tensor]
-
 
 class CurvatureMethod(str, Enum):
     """How :func:`directional_curvature` differentiates."""
@@ -67,69 +63,6 @@ class CurvatureMethod(str, Enum):
     AUTO = "auto"  # forward-over-forward, falling back to HVP for ops without forward AD
     FORWARD = "forward"
     HVP = "hvp"
-
-
-class GradGraph:
-    """The loss gradient w.r.t. ``params`` with its graph kept, for repeated exact HVPs.
-
-    Args:
-        model: the model (already in the wanted train/eval state).
-        loss_fn: ``(outputs, targets) -> scalar`` mean loss.
-        inputs: positional inputs of the model.
-        targets: passed to ``loss_fn``.
-        params: the parameters ``theta`` of the Hessian block ``d^2 L / d theta^2``.
-        where: names the layer (or the model) in error messages.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        inputs: tuple[Any, ...],
-        targets: Any,
-        params: Sequence[Tensor],
-        where: str,
-    ) -> None:
-        self.params = list(params)
-        self.where = where
-        with torch.enable_grad():
-            loss = checked_loss(model, loss_fn, inputs, targets, where)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        self.loss = loss.detach()
-        self.grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-        self._live = [i for i, g in enumerate(self.grads) if g.requires_grad]
-
-    def hvp(self, vs: Sequence[Tensor], batched: bool = False) -> list[Tensor]:
-        """``H v`` for one vector per parameter (``[*p.shape]``, or ``[b, *p.shape]`` batched)."""
-        outs: list[Tensor | None] = [None] * len(self.params)
-        if self._live:
-            grads = [self.grads[i] for i in self._live]
-            tangents = [vs[i] for i in self._live]
-            try:
-                outs = list(self._grad(grads, tangents, batched))
-            except NoDerivativeError:
-                raise
-            except RuntimeError:
-                if not batched:
-                    raise
-                # an op without a batching rule: one backward per vector (same exact result)
-                cols = [self._grad(grads, [t[j] for t in tangents], False)
-                        for j in range(tangents[0].shape[0])]
-                outs = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
-        return [torch.zeros_like(v) if o is None else o for o, v in zip(outs, vs)]
-
-    def _grad(self, grads: list[Tensor], tangents: list[Tensor], batched: bool):
-        try:
-            with torch.enable_grad():
-                return torch.autograd.grad(
-                    grads, self.params, tangents, retain_graph=True, allow_unused=True,
-                    is_grads_batched=batched,
-                )
-        except RuntimeError as err:
-            explained = explain_autograd_error(err, self.where)
-            if explained is None:
-                raise
-            raise explained from err
 
 
 def _layer(model: nn.Module, layer: str | nn.Module | LayerInfo) -> tuple[LayerInfo, str]:
@@ -222,13 +155,6 @@ def block_hvp(
     return torch.cat(chunks)
 
 
-def layer_hvp(graph: GradGraph, info: LayerInfo, D: Tensor) -> Tensor:
-    """``H_WW D_j`` for ``D [b, m, n]`` in ``info``'s matrix view; ``graph`` is over
-    ``[info.weight]``. A row block is embedded into its whole parameter (zeros elsewhere) and
-    the product read back from the same rows, which is the block's own Hessian."""
-    return info.extract(graph.hvp([info.embed(D)], batched=True)[0])
-
-
 def directional_curvature(
     model: nn.Module,
     loss_fn: LossFn,
@@ -312,8 +238,7 @@ def directional_curvature(
                         raise
                     raise explained from err
         graph = GradGraph(model, loss_fn, args, targets, [w], where)
-        return torch.cat([(D * layer_hvp(graph, info, D)).sum((1, 2)) for D in (
-            torch.einsum("mk,nk->kmn", u, v) for u, v in chunks)] or [U.new_zeros(0)])
+        return hvp_curvature(graph, info, U, V, step)
 
 
 def _curvature_forward(

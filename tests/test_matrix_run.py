@@ -59,3 +59,31 @@ def test_a_looser_lanczos_tolerance_stays_within_its_bound():
         assert float((evals - theta).abs().min()) <= 0.05 * abs(theta)
     with pytest.raises(ValueError, match="lanczos_tol must be None or a number"):
         analyze_model(model, loss_fn, x, y, top_k=3, lanczos_k=3, bootstrap=0, lanczos_tol=0.0)
+
+
+def test_restricted_graph_and_chunked_curvatures_equal_the_dense_block():
+    """One graph over every weight, restricted to one: its products are that weight's dense
+    Hessian block, and ``h_k`` in chunks of 2 equals ``<D_k, H D_k>``; a weight the graph does
+    not hold is refused by name."""
+    from curvlens._grad_graph import GradGraph, hvp_curvature
+    from curvlens.layers import find_layers
+
+    model, loss_fn, x, y = _case()
+    layers = find_layers(model, ["0", "3"])
+    graph = GradGraph(model, loss_fn, (x,), y, [i.weight for i in layers.values()], "model")
+    info = layers["3"]
+    _, H = _dense(model, loss_fn, x, y, "3")
+    block = graph.restricted(info.weight, "layer '3'")
+    v = torch.randn(info.weight.shape, dtype=DT, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(block.hvp([v])[0].flatten(), H @ v.flatten(), rtol=1e-10,
+                               atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    (m, n), k = info.matrix_shape, 5
+    U, V = torch.randn(m, k, dtype=DT, generator=g), torch.randn(n, k, dtype=DT, generator=g)
+    seen = []
+    h = hvp_curvature(block, info, U, V, 2, seen.append)
+    D = torch.einsum("mk,nk->kmn", U, V).reshape(k, -1)
+    torch.testing.assert_close(h, torch.einsum("ki,ij,kj->k", D, H, D), rtol=1e-10, atol=1e-12)
+    assert seen == [2, 2, 1]
+    with pytest.raises(ValueError, match="layer 'x'.*not one of this graph's parameters"):
+        graph.restricted(torch.zeros(2, 2), "layer 'x'")
