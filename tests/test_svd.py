@@ -118,3 +118,19 @@ def test_rank_deficient_gradient_keeps_round_off_values_tiny():
     torch.testing.assert_close(S[:9], torch.linalg.svdvals(G)[:9], rtol=1e-12, atol=0)
     S2 = gram_singular_values(G, 10)
     assert float(S2[-1]) < 1e-13 * float(S2[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_singular_values_skip_zero_columns_exactly(dtype):
+    """Columns of a conv gradient whose taps only see padding are exactly zero; dropping them
+    leaves the values unchanged, and columns of tiny (not zero) entries are kept."""
+    G = _decaying(160, 900, seed=7, decay=0.7)
+    G[:, 200:] = 0.0  # 700 zero columns
+    G[:, 899] = 1e-30  # tiny but not zero: part of the Gram
+    got = gram_singular_values(G.to(dtype), 10)
+    torch.testing.assert_close(got.double(), torch.linalg.svdvals(G)[:10],
+                               rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    tiny = torch.zeros(160, 900, dtype=torch.float64)
+    tiny[:, 0], tiny[:3, 1] = 1e-150, 2e-150  # a gradient of tiny scale keeps its columns
+    torch.testing.assert_close(gram_singular_values(tiny, 2), torch.linalg.svdvals(tiny)[:2],
+                               rtol=1e-10, atol=0)

@@ -184,6 +184,21 @@ def _gram(A: Tensor) -> Tensor:
     return gram.triu() + gram.triu(1).mT
 
 
+#: from this many rows on, all-zero columns are dropped before the Gram is formed
+_SPARSE_FROM = 128
+
+
+def _nonzero_columns(A: Tensor) -> Tensor:
+    """``A [r, c]`` without its all-zero columns, which add nothing to ``A A^T`` (from
+    :data:`_SPARSE_FROM` rows on; one pass over ``A`` against the Gram's ``r`` passes). A
+    convolution's gradient on 1 x 1 maps is zero in every column of a tap that only sees
+    padding: eight ninths of a ResNet-18's last-stage 512 x 4608 gradients at 32 x 32."""
+    if A.shape[0] < _SPARSE_FROM:
+        return A
+    used = A.abs().sum(0) > 0  # a sum of non-negative values is 0 only when all are
+    return A if bool(used.all()) else A[:, used]
+
+
 def _refined(A: Tensor, gram: Tensor, k: int, subspace: bool) -> Tensor:
     """Top-``k`` eigenvalues of ``A A^T`` (descending, float64).
 
@@ -240,6 +255,7 @@ def gram_singular_values(G: Tensor, k: int | None = None, *, rtol: float = 1e-5)
     k = min(A.shape[0], A.shape[0] if k is None else int(k))
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")
+    A = _nonzero_columns(A)
     gram = _gram(A)
     # decomposed in the Gram's precision: its rounding error is of the size the Gram's own
     # (``eps * lambda_1``), which the refinement below accounts for
