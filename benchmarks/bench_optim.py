@@ -73,7 +73,7 @@ TASKS = ("digits", "chars", "vit")
 METHODS = ("sn", "muon", "adamw")
 GRID_SIZE = 4
 LR_GRID = {
-    "digits": {"sn": [5e-4, 1.5e-3, 5e-3, 0.015], "muon": [3e-4, 1e-3, 3e-3, 0.01],
+    "digits": {"sn": [1e-3, 3e-3, 0.01, 0.03], "muon": [3e-4, 1e-3, 3e-3, 0.01],
                "adamw": [1e-3, 3e-3, 0.01, 0.03]},
     "chars": {"sn": [3e-3, 0.01, 0.03, 0.1], "muon": [3e-3, 0.01, 0.03, 0.1],
               "adamw": [1e-3, 3e-3, 0.01, 0.03]},

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvlens.optim import Role, SpectralNewton, choose, roles
+from curvlens.optim import Role, SpectralNewton, choose, policy_weight_decay, roles
+from curvlens.optim._policy import POLICY_DECAY, POLICY_RMS
 
 
 class _Attention(nn.Module):
@@ -72,20 +73,40 @@ def test_policy_choice_for_each_layer_kind():
         assert (choice.use_spectral, choice.blocks) == (spectral, blocks), name
         if spectral:
             assert (choice.alpha, choice.damping, choice.damping_mode, choice.rms_target) == (
-                2.0, 0.01, "relative", 0.1), name
+                2.0, 0.01, "relative", POLICY_RMS), name
     assert choose(Role.HEAD, (11, 6), head_to_adamw=False).use_spectral
 
 
-def test_optimizer_groups_follow_the_policy():
+@pytest.mark.parametrize("lr", [3e-3, 0.02])
+def test_optimizer_groups_follow_the_policy(lr):
     net = _Zoo()
-    opt = SpectralNewton(net, lr=0.02)
+    opt = SpectralNewton(net, lr=lr)
     by_name = {n: g for g in opt.param_groups for n in g["param_names"]}
     for name, (_, spectral, blocks) in EXPECTED.items():
         g = by_name[name]
-        assert g["use_spectral"] is spectral and g["lr"] == 0.02, name
+        assert g["use_spectral"] is spectral and g["lr"] == lr, name
+        # every part loses the same fraction of its weights per step, whatever lr is
+        assert g["lr"] * g["weight_decay"] == pytest.approx(POLICY_DECAY, rel=1e-12), name
         if spectral:
             assert (g["blocks"], g["damping_mode"], g["rms_target"], g["alpha"]) == (
-                blocks, "relative", 0.1, 2.0), name
+                blocks, "relative", POLICY_RMS, 2.0), name
+
+
+def test_policy_weight_decay_follows_each_parts_lr_and_yields_to_explicit_values():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)).double()
+    opt = SpectralNewton(net, lr=0.01, adamw_lr=1e-3)
+    spec, adam = opt.param_groups
+    assert (spec["weight_decay"], adam["weight_decay"]) == (
+        pytest.approx(0.03), pytest.approx(0.3))
+    assert policy_weight_decay(0.0) == 0.0  # lr 0: no decay, no division by zero
+    W = net[0].weight
+    before = W.detach().clone()
+    W.grad = torch.zeros_like(W)  # a zero gradient: the step is the decay alone
+    opt.step()
+    torch.testing.assert_close(W.detach(), before * (1 - POLICY_DECAY), rtol=1e-12, atol=0)
+    fixed = SpectralNewton(net, lr=0.01, weight_decay=0.5, adamw_weight_decay=0.0)
+    assert [g["weight_decay"] for g in fixed.param_groups] == [0.5, 0.0]
 
 
 @pytest.mark.parametrize("param", ["fused.qkv.weight", "mha.in_proj_weight"])

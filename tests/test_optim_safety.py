@@ -10,6 +10,7 @@ from torch import nn
 
 import curvlens.optim.spectral_newton as sn_module
 from curvlens.optim import SpectralNewton, update_bound
+from curvlens.optim._policy import POLICY_RMS
 
 
 class _Net(nn.Module):
@@ -66,12 +67,12 @@ def test_every_step_is_bounded_for_gradients_from_1e_minus30_to_1e30(alpha, mode
 def test_rms_rule_bounds_the_update_whatever_the_gradient():
     for scale in (1e-30, 1.0, 1e30):
         net = _Net()
-        opt = SpectralNewton(net, lr=0.01, weight_decay=0.0)  # default policy: RMS 0.1 * lr
+        opt = SpectralNewton(net, lr=0.01, weight_decay=0.0)  # default policy: RMS POLICY_RMS * lr
         before = net.fc2.weight.detach().clone()
         _grads(net, scale=scale)
         opt.step()
         rms = float((net.fc2.weight.detach() - before).pow(2).mean().sqrt())
-        assert rms == pytest.approx(0.01 * 0.1, rel=1e-4)
+        assert rms == pytest.approx(0.01 * POLICY_RMS, rel=1e-4)
 
 
 @pytest.mark.parametrize("where", ["head.bias", "fc2.weight"])

@@ -10,7 +10,14 @@ from curvlens.optim._kernels import (
     spectral_update_svd,
     update_bound,
 )
-from curvlens.optim._policy import LayerChoice, Role, choose, roles, split_parameters
+from curvlens.optim._policy import (
+    LayerChoice,
+    Role,
+    choose,
+    policy_weight_decay,
+    roles,
+    split_parameters,
+)
 from curvlens.optim.spectral_newton import DEFAULT_ALPHA, SpectralNewton
 
 __all__ = [
@@ -21,6 +28,7 @@ __all__ = [
     "LayerChoice",
     "roles",
     "choose",
+    "policy_weight_decay",
     "DampingMode",
     "spectral_transform",
     "spectral_update",

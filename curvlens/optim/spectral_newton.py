@@ -29,6 +29,7 @@ from curvlens.optim._policy import (
     group_alpha,
     latest_reports,
     layer_name,
+    policy_weight_decay,
     roles,
     split_groups,
     split_parameters,
@@ -65,13 +66,15 @@ class SpectralNewton(torch.optim.Optimizer):
     :mod:`curvlens.optim._policy`): hidden Linear and Conv weights (attention projections
     included; a fused query-key-value matrix as three blocks) get the spectral update with
     ``alpha = 2``, relative damping ``delta = 0.01`` and their update rescaled to RMS
-    ``0.1 * lr``; embeddings, the output head, biases and norm weights get AdamW at the same
-    ``lr``. One learning rate for everything, whatever the gradients' scale (relative damping
-    and the RMS rule make the update independent of it). With ``lens=`` a layer's measured
+    ``0.05 * lr``; embeddings, the output head, biases and norm weights get AdamW at the same
+    ``lr``; every part has decoupled weight decay ``3e-4 / lr`` (each step removes the fraction
+    ``3e-4`` of the weights, whatever lr is tuned to). One learning rate for everything, whatever
+    the gradients' scale (relative damping and the RMS rule make the update independent of it).
+    With ``lens=`` a layer's measured
     exponent replaces 2 when its 95% interval is narrower than 1 (clipped to ``[1, 3]``). The
     evidence (``benchmarks/bench_optim.py``, three tasks, lr tuned per method on a validation
     split) is in :mod:`curvlens.optim._policy`. Explicit ``alpha``, ``damping``,
-    ``damping_mode``, ``rms_scale`` and ``adamw_lr`` override the policy.
+    ``damping_mode``, ``rms_scale``, ``adamw_lr`` and the weight decays override the policy.
 
     **Bounded updates.** Every singular value of ``U diag(T(sigma)) V^T`` is at most
     ``c = update_bound(alpha, damping)`` (``1 / (2 sqrt(d))`` for ``alpha = 2``, ``1`` for
@@ -104,10 +107,13 @@ class SpectralNewton(torch.optim.Optimizer):
         damping_mode: ``"relative"`` (default, scale-free) or ``"absolute"``.
         momentum: momentum factor ``mu`` of the (Muon-style, averaging) buffer.
         nesterov: Nesterov momentum.
-        weight_decay: decoupled weight decay of the spectral parameters (``W *= 1 - lr * wd``).
+        weight_decay: decoupled weight decay of the spectral parameters (``W *= 1 - lr * wd``);
+            ``None`` (policy): ``3e-4 / lr``, so that each step at the given lr removes the
+            fraction ``3e-4`` whatever lr is tuned to (:func:`~curvlens.optim.policy_weight_decay`).
         adamw_lr: the AdamW part's learning rate (``None``: ``lr``).
-        adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part.
-        rms_scale: ``None`` (policy: 0.1), ``False``, ``True`` (0.2, Moonlight's) or a float:
+        adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part (``adamw_weight_decay=None``:
+            ``3e-4 / adamw_lr``, as above).
+        rms_scale: ``None`` (policy: 0.05), ``False``, ``True`` (0.2, Moonlight's) or a float:
             rescale each spectral update to that RMS (:func:`~curvlens.optim.scale_to_rms`).
         lens: a ``CurvatureLens`` (or an object with ``latest_alphas()``) for measured alphas.
         alpha_range: clip measured exponents to ``[lo, hi]``, ``lo >= 1``.
@@ -143,11 +149,11 @@ class SpectralNewton(torch.optim.Optimizer):
         damping_mode: DampingMode | str = DampingMode.RELATIVE,
         momentum: float = 0.95,
         nesterov: bool = True,
-        weight_decay: float = 0.01,
+        weight_decay: float | None = None,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
-        adamw_weight_decay: float = 0.01,
+        adamw_weight_decay: float | None = None,
         rms_scale: bool | float | None = None,
         lens: Any = None,
         alpha_range: tuple[float, float] = (1.0, 3.0),
@@ -158,6 +164,10 @@ class SpectralNewton(torch.optim.Optimizer):
         distributed: bool = True,
     ) -> None:
         adamw_lr = lr if adamw_lr is None else adamw_lr
+        if weight_decay is None:
+            weight_decay = policy_weight_decay(lr)
+        if adamw_weight_decay is None:
+            adamw_weight_decay = policy_weight_decay(adamw_lr)
         for key, value in (("lr", lr), ("damping", damping), ("momentum", momentum),
                            ("weight_decay", weight_decay), ("adamw_lr", adamw_lr),
                            ("adamw_eps", adamw_eps), ("adamw_weight_decay", adamw_weight_decay)):
