@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported as a package
 
 from bench_optim_report import adamw_target, plot, report, table  # noqa: E402
 
