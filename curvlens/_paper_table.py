@@ -26,6 +26,7 @@ from curvlens._table import (
     median_interval,
 )
 from curvlens.results import LayerReport, Report
+from curvlens.trust import TrustPolicy
 
 __all__ = ["PAPER", "layer_role", "paper_table", "paper_figure", "summary_numbers"]
 
@@ -86,6 +87,7 @@ def summary_numbers(results: dict[str, Report]) -> dict[str, Any]:
     out["trusted"] = len(kept)
     out["half_k_above_floor"] = len(floor_ok)
     out["half_k_above_floor_by_task"] = _half_k_by_task(rows)
+    out["samples_by_task"] = _samples_by_task(results)
     for role in dict.fromkeys(r for _, _, r, _ in rows):
         reps = [rep for r, rep in kept if r == role]
         entry: dict[str, Any] = {"n": sum(1 for _, _, r, _ in rows if r == role),
@@ -124,6 +126,22 @@ def _half_k_by_task(rows: list) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _samples_by_task(results: dict[str, Report]) -> dict[str, dict[str, float]]:
+    """``{task: {gradient, curvature, curvature_noise (median over its layers), flagged}}``:
+    the samples of the gradient and of the curvatures, and how noisy the curvatures were."""
+    out = {}
+    for task, report in results.items():
+        noise = _finite(rep.curvature_noise for rep in report.layers.values())
+        flagged = sum("curvature_noise" in rep.trust_flags.get("alpha", "")
+                      for rep in report.layers.values())
+        grad = int(report.meta.get("batch_size", 0))
+        out[task] = {"gradient": grad,
+                     "curvature": int(report.meta.get("curvature_samples", grad)),
+                     "curvature_noise": statistics.median(noise) if noise else math.nan,
+                     "flagged": flagged}
+    return out
+
+
 def _half_k(rep: LayerReport) -> bool:
     return rep.k_kept >= max(1, rep.top_k) / 2
 
@@ -154,6 +172,12 @@ def paper_table(results: dict[str, Report]) -> str:
     per_task = ", ".join(f"{task} {n}/{m}" for task, (n, m) in _half_k_by_task(rows).items())
     lines.append(f"K = {'/'.join(map(str, ks)) or '?'} (the paper used K = 20); >= K/2 above "
                  f"the floor per task: {per_task}")
+    lines.append("samples per task: gradient and noise floor / curvatures (h_k, Lanczos, "
+                 "Kronecker); median curvature noise |h1-h2|/|h1+h2| (layers flagged above "
+                 f"{TrustPolicy().max_curvature_noise}):")
+    lines += [f"  {task:<13} {e['gradient']:>7} / {e['curvature']:<6} "
+              f"{e['curvature_noise']:.3f} ({e['flagged']} flagged)"
+              for task, e in nums["samples_by_task"].items()]
     lines.append("")
     lines.append("alpha and transfer error per role: median [95% interval] over the trusted "
                  "layers, then over all layers (untrusted included, for comparison only)")

@@ -1,12 +1,13 @@
 """``curvlens reproduce``: the paper-style table across several architectures and data sets.
 
 Trains each task briefly, analyzes every supported layer on a fixed batch with
-:class:`~curvlens.lens.CurvatureLens` (with ``full``: on many samples, given as a list of
-batches and measured as their mean), and prints one row per layer (alpha, gamma, s,
-alpha*gamma, transfer error), alpha by layer type, and the median transfer error over all
-layers, the headline number of "Spectral Asymptotics of Neural Network Loss Landscapes: An Exact
-Decomposition of the Curvature Exponent" (Calvo, 2026, arXiv:2606.02596: ~2% over 93 layers,
-alpha ~ 2 for convolutions, ~1-1.4 for transformer layers).
+:class:`~curvlens.lens.CurvatureLens` (with ``full``: the gradient on many samples, given as a
+list of batches and measured as their mean, the curvatures on its first batches), and prints
+one row per layer (alpha, gamma, s, alpha*gamma, transfer error), alpha by layer type, and the
+median transfer error over all layers, the headline number of "Spectral Asymptotics of Neural
+Network Loss Landscapes: An Exact Decomposition of the Curvature Exponent" (Calvo, 2026,
+arXiv:2606.02596: ~2% over 93 layers, alpha ~ 2 for convolutions, ~1-1.4 for transformer
+layers).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from curvlens._table import _num, _pct
 from curvlens.lens import CurvatureLens
 from curvlens.report import save_reports
 
-__all__ = ["TASKS", "FULL_TASKS", "FULL_SAMPLES", "run_reproduce", "reproduce_table"]
+__all__ = ["TASKS", "FULL_TASKS", "FULL_SAMPLES", "FULL_CURVATURE", "run_reproduce",
+           "reproduce_table"]
 
 
 def _train(model: nn.Module, loss_fn: Callable, batches: Callable[[], Any], steps: int,
@@ -127,7 +129,7 @@ def _full_digits(model_fn: Callable[[], nn.Module], lr: float, steps: int = 1000
         _train(model, loss_fn, batches, int(steps * scale), lr)
         g.manual_seed(seed + 2)
         idx = torch.randint(0, n, (fixed,), generator=g)
-        return model, loss_fn, _chunks(T.shifted(x[idx], g), y[idx], 2048)
+        return model, loss_fn, _chunks(T.shifted(x[idx], g), y[idx], 256)
 
     return build
 
@@ -153,7 +155,7 @@ def _full_teacher(scale: float, seed: int, fixed: int) -> tuple:
         return data.x_train[idx], data.y_train[idx]
 
     _train(model, nn.MSELoss(), batches, int(2000 * scale), 1e-3)
-    return model, nn.MSELoss(), _chunks(data.x_train[:fixed], data.y_train[:fixed], 4096)
+    return model, nn.MSELoss(), _chunks(data.x_train[:fixed], data.y_train[:fixed], 1024)
 
 
 def _digits_deep_mlp() -> nn.Module:
@@ -173,15 +175,21 @@ FULL_TASKS: dict[str, Callable[[float, int, int], tuple]] = {
     "stdlib-gpt": _full_gpt,
 }
 
-#: Samples each ``--full`` task measures by default (``fixed_batch`` overrides them). The exact
-#: curvatures cost about (K + Lanczos steps) forward-backward passes per sample and layer, so the
-#: 30-minute budget on 2 CPU cores buys many samples only for small models: the teacher and the
-#: digits MLP (where they lift K/2 singular values above the noise floor). The CNN, ResNet, ViT
-#: and the LM would need about 3e4 images and 4e3 windows of 64 characters
-#: (``benchmarks/results/floor_exploration.txt``), hours here; 8192 images for the CNN and 2048
-#: for the ResNet lifted none of their layers either, so they are measured on 512 like the ViT.
+#: Samples of each ``--full`` task's gradient (``fixed_batch`` overrides them): enough for most
+#: layers to have K/2 of their top-10 singular values above the noise floor, which falls only as
+#: 1/sqrt(N) (``benchmarks/results/floor_exploration.txt``, gradients only). The gradient costs
+#: one forward and backward pass per sample.
 FULL_SAMPLES: dict[str, int] = {
-    "teacher-mlp": 32768, "digits-mlp": 32768, "digits-cnn": 512, "digits-resnet": 512,
+    "teacher-mlp": 32768, "digits-mlp": 131072, "digits-cnn": 524288, "digits-resnet": 131072,
+    "digits-vit": 65536, "stdlib-gpt": 131072,
+}
+#: Samples (the first batches of the fixed data) on which ``--full`` measures each task's
+#: curvatures (``h_k``, Lanczos, Kronecker factors; ``curvature_batches`` of
+#: :func:`curvlens.measure.analyze_model`). They cost about ``K`` plus two to three times
+#: ``lanczos_k`` forward and backward passes per sample and matrix; each layer's
+#: ``curvature_noise`` says whether they were enough.
+FULL_CURVATURE: dict[str, int] = {
+    "teacher-mlp": 4096, "digits-mlp": 4096, "digits-cnn": 2048, "digits-resnet": 512,
     "digits-vit": 512, "stdlib-gpt": 512,
 }
 #: The fit window ``K`` of ``--full`` (the paper used 20; see ``run_reproduce``).
@@ -268,10 +276,11 @@ def run_reproduce(
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
     samples = {t: fixed_batch or (FULL_SAMPLES[t] if full else 256) for t in names}
+    curvature = {t: min(FULL_CURVATURE[t], samples[t]) for t in names} if full else {}
     top_k = (FULL_TOP_K if full else 20) if top_k is None else top_k
     lanczos_k = (8 if full else 0) if lanczos_k is None else lanczos_k
     settings = dict(scale=scale, seed=seed, fixed_batch=fixed_batch, samples=samples,
-                    top_k=top_k, lanczos_k=lanczos_k)
+                    top_k=top_k, lanczos_k=lanczos_k, curvature=curvature)
     results: dict[str, Any] = {}
     start = time.perf_counter()
     bar = tqdm(names, desc="reproduce", unit="task", disable=None if progress is None
@@ -281,14 +290,20 @@ def run_reproduce(
         t0 = time.perf_counter()
         model, loss_fn, data = catalog[task](scale, seed, samples[task])
         t1 = time.perf_counter()
+        options: dict[str, Any] = {"bootstrap": bootstrap}
+        if isinstance(data, list) and task in curvature:
+            options["curvature_batches"] = _leading(data, curvature[task] / samples[task])
         lens = CurvatureLens(model, loss_fn, top_k=top_k, lanczos_k=lanczos_k,
-                             on_unsupported="skip", analyze_options={"bootstrap": bootstrap})
+                             on_unsupported="skip", analyze_options=options)
         report = lens.analyze(*data) if isinstance(data, tuple) else lens.analyze(data, None)
         report.meta.update(task=task, train_seconds=round(t1 - t0, 1),
                            analyze_seconds=round(time.perf_counter() - t1, 1))
         results[task] = report
+        on = report.meta.get("batch_size")
+        cs = report.meta.get("curvature_samples", on)
         printer(f"{task}: trained in {t1 - t0:.0f} s, analyzed {len(report.layers)} layers on "
-                f"{report.meta.get('batch_size')} samples in {time.perf_counter() - t1:.0f} s")
+                f"{on} samples" + (f" (curvatures on {cs})" if cs != on else "")
+                + f" in {time.perf_counter() - t1:.0f} s")
         if out is not None and task != names[-1]:  # partial results survive an interruption
             _write(results, Path(out), names, full, time.perf_counter() - start, None,
                    settings)
@@ -300,6 +315,17 @@ def run_reproduce(
         for line in _write(results, Path(out), names, full, seconds, text, settings):
             printer(line)
     return results
+
+
+def _leading(data: list[tuple[Any, Any]], fraction: float) -> int | None:
+    """How many leading batches hold ``fraction`` of the samples (at least 2; ``None``: all)."""
+    want, seen, count = fraction * sum(len(x) for x, _ in data), 0, 0
+    for x, _ in data:
+        if seen >= want:
+            break
+        seen, count = seen + len(x), count + 1
+    count = max(2, count)
+    return None if count >= len(data) else count
 
 
 def _write(results: dict[str, Any], out: Path, names: list[str], full: bool, seconds: float,
