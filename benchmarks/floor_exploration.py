@@ -12,7 +12,14 @@ The ``-aug`` tasks train and measure the digits models under random one-pixel sh
 (:func:`curvlens._tasks.shifted`), so ``N`` can exceed the 1438 training images. Output:
 ``benchmarks/results/floor_exploration.txt``.
 
-Run: ``nice -n 10 python benchmarks/floor_exploration.py [task ...]``.
+With ``--reproduce TASK N [N ...]`` it measures instead the model and data that
+``curvlens reproduce --full`` builds for ``TASK`` (trained as there, fixed data drawn for the
+largest ``N``), on the first ``N`` samples of that data (the language model: ``N // 16``
+windows): how many layers have at least 5 of their top 10 singular values above the floor, and
+the count per layer. That is what chose ``FULL_SAMPLES`` in ``curvlens._reproduce``.
+
+Run: ``nice -n 10 python benchmarks/floor_exploration.py [task ...]`` or
+``nice -n 10 python benchmarks/floor_exploration.py --reproduce digits-vit 8192 32768``.
 """
 
 from __future__ import annotations
@@ -158,5 +165,28 @@ def main(names: list[str]) -> None:
                 print(_row(name, step, N, loss, res, time.perf_counter() - t0), flush=True)
 
 
+def reproduce_check(task: str, sizes: list[int]) -> None:
+    """Layers of a ``reproduce --full`` task with K/2 of K = 10 values above the floor, by N."""
+    from curvlens._reproduce import FULL_TASKS
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    model, loss_fn, data = FULL_TASKS[task](1.0, 0, max(sizes))
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    print(f"{task}: trained and drew {len(x)} samples in {time.perf_counter() - t0:.0f} s")
+    model.eval()
+    size = 16 if task == "stdlib-gpt" else 256
+    for n in sizes:
+        n = n // 16 if task == "stdlib-gpt" else n
+        t0 = time.perf_counter()
+        res = _measure(model, loss_fn, _chunks(x[:n], y[:n], size))
+        counts = [_count(G, noise, 10)[0] for G, noise in res.values()]
+        print(f"{task} N={n} ok={sum(c >= 5 for c in counts)}/{len(counts)} counts={counts} "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(TASKS))
+    if sys.argv[1:2] == ["--reproduce"]:
+        reproduce_check(sys.argv[2], [int(n) for n in sys.argv[3:]])
+    else:
+        main(sys.argv[1:] or list(TASKS))
