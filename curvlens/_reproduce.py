@@ -243,13 +243,14 @@ def run_reproduce(
     Args:
         tasks: names from :data:`TASKS` (or :data:`FULL_TASKS` with ``full``; default: all).
         full: the paper-style suite (6 architectures, 3 data sets, 96 layers), trained
-            longer and measured on many samples (:data:`FULL_SAMPLES`, as a list of batches),
-            with the published numbers beside the measured ones; about 8 minutes on 2 idle
-            CPU cores.
+            longer, the gradient measured on many samples (:data:`FULL_SAMPLES`, as a list of
+            batches) and the curvatures on its first :data:`FULL_CURVATURE`, with the published
+            numbers beside the measured ones; 10 minutes measured on 2 CPU cores shared with
+            other jobs (one torch thread).
         scale: multiplies the training steps.
         seed: seed of data, initialization and batches.
         fixed_batch: samples measured per task (default 256; with ``full``, the per-task
-            :data:`FULL_SAMPLES`).
+            :data:`FULL_SAMPLES`; the curvatures then use at most :data:`FULL_CURVATURE`).
         top_k, lanczos_k, bootstrap: analysis settings (``top_k`` default 20, 10 with ``full``:
             a window the noise floor of the affordable samples leaves room for, where the paper
             used 20; ``lanczos_k`` default 0, 8 with ``full``: Lanczos gives the independent s
