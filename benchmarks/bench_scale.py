@@ -11,7 +11,8 @@ Two parts, each run in its own process so that its peak RSS is its own:
   ``top_k=10`` and ``lanczos_k=10`` on the batch in plain steps (target <= 120), and the
   overhead of training at ``every=50`` (target <= 1.05x), both derived from the per-step
   medians, ``(49 * non-recording + recording) / (50 * plain)``, and measured directly on
-  interleaved 50-step runs (not with ``--quick``).
+  ``rounds / 2`` pairs of 50-step runs, plain and with the lens, the order alternating from
+  pair to pair (not with ``--quick``).
 * ``gpt``: a GPT-2-small-shaped LM (vocabulary 50257, width 768, 12 heads, 2 blocks, context
   64, batch 4, the output layer tied to the token embedding). Trains with the lens attached
   (every step recorded), reads the running factors, then runs ``lens.analyze()`` on every
@@ -172,9 +173,11 @@ def _every50(model, loss_fn, opt, x, y, args) -> float:
             return _timed(loop)
 
     ratios = []
-    for _ in range(max(1, args.rounds // 4)):
-        plain_s = run(False)
-        lens_s = run(True)
+    for r in range(max(2, args.rounds // 2)):  # the order alternates: no bias from going first
+        if r % 2:
+            lens_s, plain_s = run(True), run(False)
+        else:
+            plain_s, lens_s = run(False), run(True)
         ratios.append(lens_s / plain_s)
     return statistics.median(ratios)
 
