@@ -91,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "--full runs the paper-style suite (CNN, ResNet, ViT, GPT-style LM, "
                            "MLPs on digits, the standard library's text and a synthetic "
                            "teacher; 96 layers, the gradient on 3e4-5e5 samples per task and the "
-                           "curvatures on its first 512-4096; measured: 10 minutes on 2 "
+                           "curvatures on its first 1024-4096; measured: 11 minutes on 2 "
                            "shared CPU cores) and prints "
                            "the published numbers beside the measured ones, with 95%% "
                            "intervals and trust flags.")
     repro.add_argument("--full", action="store_true",
-                       help="the full paper-style suite (96 layers, 10 min measured on 2 "
+                       help="the full paper-style suite (96 layers, 11 min measured on 2 "
                        "CPU cores)")
     repro.add_argument("--tasks", default=None,
                        help="comma-separated subset of the tasks (default: all of the suite)")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--fixed-batch", type=_positive_int, default=None,
                        help="samples measured per task (default 256; with --full the "
                        "gradient's 32768 to 524288 per task, given as batches, the curvatures "
-                       "on at most 512 to 4096 of them)")
+                       "on at most 1024 to 4096 of them)")
     repro.add_argument("--top-k", type=_positive_int, default=None,
                        help="fit window K (default 20; 10 with --full, where the paper used 20)")
     repro.add_argument("--lanczos-k", type=_nonneg_int, default=None,
