@@ -34,17 +34,60 @@ def gradients_and_halves(model: nn.Module, loss_fn: Callable, data: FixedData,
                          found: dict[str, LayerInfo]) -> tuple[dict, tuple[dict, dict] | None]:
     """In one pass over an iterable of batches: :func:`mean_gradients` over all of them and over
     the first and the last ``count // 2`` batches (``None`` for a single batch), the two
-    independent halves of the noise floor."""
-    parts = [layer_gradients(model, loss_fn, a, t, found, "a batch of the fixed data")
-             for a, t in data]
-    grads, sizes, half = _weighted(parts, data.weights(False)), data.sizes, len(parts) // 2
-    if half == 0:
-        return grads, None
+    independent halves of the noise floor.
 
-    def mean(lo: int, hi: int) -> dict:
-        return _weighted(parts[lo:hi], [b / sum(sizes[lo:hi]) for b in sizes[lo:hi]])
+    When the iterable has a ``len()`` (a list, a ``DataLoader``), the three means are running
+    sums: three gradient copies in memory whatever the number of batches. Otherwise every
+    batch's gradient is held until the count is known."""
+    count = _known_count(data)
+    if count is None:
+        parts = [layer_gradients(model, loss_fn, a, t, found, "a batch of the fixed data")
+                 for a, t in data]
+        grads, sizes, half = _weighted(parts, data.weights(False)), data.sizes, len(parts) // 2
+        if half == 0:
+            return grads, None
 
-    return grads, (mean(0, half), mean(len(parts) - half, len(parts)))
+        def mean(lo: int, hi: int) -> dict:
+            return _weighted(parts[lo:hi], [b / sum(sizes[lo:hi]) for b in sizes[lo:hi]])
+
+        return grads, (mean(0, half), mean(len(parts) - half, len(parts)))
+    half = count // 2
+    sums: list[dict] = [{}, {}, {}]  # all batches, the first half, the last half
+    seen = [0, 0, 0]
+    for i, (a, t) in enumerate(data):
+        g = layer_gradients(model, loss_fn, a, t, found, "a batch of the fixed data")
+        b = int(a[0].shape[0])
+        for j in (0, 1 if i < half else None, 2 if i >= count - half else None):
+            if j is not None:
+                _accumulate(sums[j], g, b)
+                seen[j] += b
+    if len(data.sizes) != count:
+        raise ValueError(f"the iterable of batches has len() {count} but yielded "
+                         f"{len(data.sizes)} batches; pass a list of the batches")
+    means = [{k: v / n if isinstance(v, Tensor) else v for k, v in acc.items()}
+             for acc, n in zip(sums, seen)]
+    return means[0], (means[1], means[2]) if half else None
+
+
+def _known_count(data: FixedData) -> int | None:
+    """The number of batches, before the pass, when the source has a ``len()``."""
+    if data.single:
+        return 1
+    try:
+        return len(data.source)
+    except TypeError:
+        return None
+
+
+def _accumulate(acc: dict, grads: dict, size: int) -> None:
+    """``acc[k] += size * grads[k]``; a reason (a string) in any batch wins."""
+    for k, g in grads.items():
+        if not isinstance(g, Tensor):
+            acc[k] = acc.get(k) if isinstance(acc.get(k), str) else g
+        elif k not in acc:
+            acc[k] = size * g
+        elif isinstance(acc[k], Tensor):
+            acc[k].add_(g, alpha=size)
 
 
 def _weighted(parts: list, weights: list[float]) -> Any:

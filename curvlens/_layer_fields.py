@@ -36,10 +36,15 @@ class _Explain:
     def __init__(self) -> None:
         self.reasons: dict[str, str] = {}
         self.caveats: list[str] = []
+        self.quiet: set[str] = set()
 
-    def nan(self, fields: Iterable[str], reason: str) -> None:
+    def nan(self, fields: Iterable[str], reason: str, *, quiet: bool = False) -> None:
+        """NaN ``fields`` for ``reason``; a ``quiet`` reason is kept in ``nan_reasons`` but is
+        not a warning line (an optional measurement the caller did not ask for)."""
         for name in fields:
             self.reasons.setdefault(name, reason)
+        if quiet:
+            self.quiet.add(reason)
 
     def warn(self, message: str) -> None:
         if message not in self.caveats:
@@ -48,7 +53,8 @@ class _Explain:
     def warnings(self) -> list[str]:
         grouped: dict[str, list[str]] = {}
         for name, reason in self.reasons.items():
-            grouped.setdefault(reason, []).append(name)
+            if reason not in self.quiet:
+                grouped.setdefault(reason, []).append(name)
         return self.caveats + [f"{', '.join(names)}: NaN, {reason}"
                                for reason, names in grouped.items()]
 
@@ -161,7 +167,7 @@ def _curvature_noise(v: dict, ex: _Explain, halves: tuple[Tensor, Tensor] | None
     ``h1``, ``h2`` measured on two disjoint halves of the samples."""
     if halves is None:
         ex.nan(["curvature_noise"], "h_k measured on one batch, no two halves to compare (pass "
-               "the fixed data as several batches)")
+               "the fixed data as several batches)", quiet=True)
         return
     h1, h2 = (_vector(h, "h_halves", name) for h in halves)
     if h1.numel() != keep.numel() or h2.numel() != keep.numel():

@@ -68,6 +68,11 @@ class _Counted:
         self.alive -= 1
 
 
+class _Sized(_Counted):
+    def __len__(self):
+        return len(self.batches)
+
+
 def test_summed_loss_over_unequal_batches_and_streamed_halves():
     model, _, x, y = _case()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")  # measured as the mean over the samples
@@ -83,7 +88,9 @@ def test_summed_loss_over_unequal_batches_and_streamed_halves():
     assert batches.peak <= 4
     kept = analyze_model(model, loss_fn, batches, None, **opts)
     assert batches.peak >= 8
-    for parts in (streamed, kept):
+    # with a len(), the gradients and the floor's halves are running sums over the batches
+    sized = analyze_model(model, loss_fn, _Sized(batches.batches), None, **opts)
+    for parts in (streamed, kept, sized):
         for name, rep in whole.layers.items():
             for field in ("sigma", "h", "h_kron", "lambda_top", "noise_norm", "alpha"):
                 a = torch.as_tensor(getattr(rep, field), dtype=DT)
