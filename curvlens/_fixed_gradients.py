@@ -39,24 +39,20 @@ def gradients_and_halves(model: nn.Module, loss_fn: Callable, data: FixedData,
     When the iterable has a ``len()`` (a list, a ``DataLoader``), the three means are running
     sums: three gradient copies in memory whatever the number of batches. Otherwise every
     batch's gradient is held until the count is known."""
+    def grads(batches: Any) -> Any:
+        return ((layer_gradients(model, loss_fn, a, t, found, "a batch of the fixed data"),
+                 int(a[0].shape[0])) for a, t in batches)
+
     count = _known_count(data)
-    if count is None:
-        parts = [layer_gradients(model, loss_fn, a, t, found, "a batch of the fixed data")
-                 for a, t in data]
-        grads, sizes, half = _weighted(parts, data.weights(False)), data.sizes, len(parts) // 2
-        if half == 0:
-            return grads, None
-
-        def mean(lo: int, hi: int) -> dict:
-            return _weighted(parts[lo:hi], [b / sum(sizes[lo:hi]) for b in sizes[lo:hi]])
-
-        return grads, (mean(0, half), mean(len(parts) - half, len(parts)))
+    if count is None:  # materialize the per-batch gradients to learn the count
+        held = list(grads(data))
+        count, stream = len(held), iter(held)
+    else:
+        stream = grads(data)
     half = count // 2
     sums: list[dict] = [{}, {}, {}]  # all batches, the first half, the last half
     seen = [0, 0, 0]
-    for i, (a, t) in enumerate(data):
-        g = layer_gradients(model, loss_fn, a, t, found, "a batch of the fixed data")
-        b = int(a[0].shape[0])
+    for i, (g, b) in enumerate(stream):
         for j in (0, 1 if i < half else None, 2 if i >= count - half else None):
             if j is not None:
                 _accumulate(sums[j], g, b)

@@ -159,13 +159,14 @@ def test_step_outside_context():
         lens.step()
 
 
-def test_nan_gradient_names_layer():
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_gradient_names_layer(bad):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     lens = CurvatureLens(model, nn.MSELoss(), every=1)
     with lens:
         nn.MSELoss()(model(torch.randn(5, 3)), torch.randn(5, 2)).backward()
-        model[2].weight.grad[0, 0] = math.nan
+        model[2].weight.grad[0, 0] = bad
         with pytest.raises(RuntimeError, match="gradient of layer '2'"):
             lens.step()
     assert _hook_count(model) == 0
