@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._functional_model import checked_loss
+from curvlens._lean_conv import second_order_graph
 from curvlens._substitutes import NoDerivativeError, explain_autograd_error
 from curvlens.layers import LayerInfo
 
@@ -48,7 +49,7 @@ class GradGraph:
     ) -> None:
         self.params = list(params)
         self.where = where
-        with torch.enable_grad():
+        with torch.enable_grad(), second_order_graph():
             loss = checked_loss(model, loss_fn, inputs, targets, where)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.loss = loss.detach()

@@ -6,7 +6,9 @@ MobileNetV3 squeeze-excitation gate). While curvlens measures, :class:`Measureme
 (a ``torch.overrides.TorchFunctionMode``) replaces such ops by equal-valued compositions of ops
 that do have second derivatives (the module or functional call site is unchanged), and switches
 off functional dropout (``F.dropout(..., training=True)`` in a custom module, the ``dropout_p``
-of ``F.scaled_dot_product_attention``), so that the measured function is deterministic.
+of ``F.scaled_dot_product_attention``), so that the measured function is deterministic. Inside
+a gradient graph built for Hessian-vector products it also records convolutions with a first
+derivative whose own derivative skips unneeded work (:mod:`curvlens._lean_conv`).
 
 Where no substitute exists, :func:`explain_autograd_error` turns torch's "derivative for
 aten::X is not implemented" into a message naming the op and the layer being measured.
@@ -29,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from curvlens._lean_conv import LEAN_CONVOLUTIONS
 
 __all__ = [
     "FORWARD_UNSAFE",
@@ -74,6 +78,7 @@ SUBSTITUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.alpha_dropout: _identity_dropout,
     F.feature_alpha_dropout: _identity_dropout,
     F.scaled_dot_product_attention: _sdpa_without_dropout,
+    **LEAN_CONVOLUTIONS,  # same values; leaner second derivatives inside a gradient graph
 }
 
 def _normalizes_over_samples(*args: Any, **kwargs: Any) -> bool:
