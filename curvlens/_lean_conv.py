@@ -2,18 +2,19 @@
 
 torch differentiates a convolution's first derivative (``aten::convolution_backward``) with one
 fused op that, whenever the gradient with respect to the input's derivative arrives, also computes
-the derivative with respect to the weight, needed or not. A Hessian-vector product on one weight
-matrix of a CNN passes through every later convolution's first derivative, so it computed one
-unneeded weight-sized convolution per later layer: about a third of the product on a ResNet-18 with
-its batch-norm layers in training mode, half of it with them in eval mode (measured on one CPU
-thread, batch 64).
+the derivative with respect to the weight, needed or not, and that always forms the derivative
+with respect to the input of the weight's gradient. A Hessian-vector product on one weight matrix
+of a CNN passes through every later convolution's first derivative, so it computed one unneeded
+weight-sized convolution per later layer, and the derivative with respect to the matrix's own
+input, which a product on its own block never needs: together about a third of the product on a
+ResNet-18 (one CPU thread, batch 64).
 
 While :class:`~curvlens._grad_graph.GradGraph` builds a gradient graph (the only place curvlens
 keeps first derivatives for a second backward pass, :func:`second_order_graph`), the measurement
 function mode replaces ``conv1d``/``conv2d``/``conv3d`` by :class:`_LeanConv`: the same forward
 op, and a first derivative written as two ops, a transposed convolution for the input and the
-weight-only ``convolution_backward`` for the weight, each of whose derivatives torch computes
-only where the pass needs it. The values are the same ops on the same tensors (bit-identical in
+weight gradient (:class:`_WeightGrad`), each of whose derivatives is formed only where the pass
+needs it. The values are the same ops on the same tensors (bit-identical in
 the tests); the Hessian, off-diagonal blocks and tied weights included, is unchanged. Each
 derivative is formed only if the running backward pass will use it (a pass that wants one weight
 matrix's product does not form the input's or other weights' derivatives).
@@ -92,12 +93,45 @@ class _LeanConv(torch.autograd.Function):
             gx = torch.ops.aten.convolution(grad, w, None, stride, padding, dilation, True, extra,
                                             groups)
         if ctx.needs_input_grad[1] and _will_use(ctx, 1):
-            gw = torch.ops.aten.convolution_backward(
-                grad, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups,
-                [False, True, False])[1]
+            gw = _WeightGrad.apply(grad, x, w.detach(), stride, padding, dilation, groups)
         if ctx.needs_input_grad[2] and _will_use(ctx, 2):
             gb = grad.sum([0, *range(2, grad.dim())])
         return gx, gw, gb, None, None, None, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """A convolution's weight gradient ``[*w.shape]`` from the output gradient ``grad`` and the
+    input ``x``, whose own derivatives (for ``grad``: the convolution of ``x`` with the incoming
+    weight-shaped tensor; for ``x``: its transposed convolution with ``grad``) are formed only
+    where the running backward pass uses them (torch's forms the one for ``x`` regardless)."""
+
+    @staticmethod
+    def forward(grad: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int],
+                dilation: list[int], groups: int) -> Tensor:
+        zeros = [0] * len(stride)
+        return torch.ops.aten.convolution_backward(grad, x, w, None, stride, padding, dilation,
+                                                   False, zeros, groups, [False, True, False])[1]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        grad, x, w, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(grad, x)
+        ctx.conv = (stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, gg: Tensor) -> tuple:
+        grad, x = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        zeros = [0] * len(stride)
+        d_grad = d_x = None
+        if ctx.needs_input_grad[0] and _will_use(ctx, 0):
+            d_grad = torch.ops.aten.convolution(x, gg, None, stride, padding, dilation, False,
+                                                zeros, groups)
+        if ctx.needs_input_grad[1] and _will_use(ctx, 1):
+            d_x = torch.ops.aten.convolution_backward(grad, x, gg, None, stride, padding, dilation,
+                                                      False, zeros, groups,
+                                                      [True, False, False])[0]
+        return d_grad, d_x, None, None, None, None, None
 
 
 def _lean(op: Callable[..., Tensor], dims: int) -> Callable[..., Tensor]:
