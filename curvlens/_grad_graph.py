@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._functional_model import checked_loss
-from curvlens._lean_conv import second_order_graph
+from curvlens._lean_ops import second_order_graph
 from curvlens._substitutes import NoDerivativeError, explain_autograd_error
 from curvlens.layers import LayerInfo
 

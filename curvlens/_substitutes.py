@@ -7,8 +7,9 @@ MobileNetV3 squeeze-excitation gate). While curvlens measures, :class:`Measureme
 that do have second derivatives (the module or functional call site is unchanged), and switches
 off functional dropout (``F.dropout(..., training=True)`` in a custom module, the ``dropout_p``
 of ``F.scaled_dot_product_attention``), so that the measured function is deterministic. Inside
-a gradient graph built for Hessian-vector products it also records convolutions with a first
-derivative whose own derivative skips unneeded work (:mod:`curvlens._lean_conv`).
+a gradient graph built for Hessian-vector products it also records convolutions and batch norm
+with running statistics in forms whose second derivatives skip unneeded work
+(:mod:`curvlens._lean_ops`).
 
 Where no substitute exists, :func:`explain_autograd_error` turns torch's "derivative for
 aten::X is not implemented" into a message naming the op and the layer being measured.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from curvlens._lean_conv import LEAN_CONVOLUTIONS
+from curvlens._lean_ops import LEAN_OPS
 
 __all__ = [
     "FORWARD_UNSAFE",
@@ -78,7 +79,7 @@ SUBSTITUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.alpha_dropout: _identity_dropout,
     F.feature_alpha_dropout: _identity_dropout,
     F.scaled_dot_product_attention: _sdpa_without_dropout,
-    **LEAN_CONVOLUTIONS,  # same values; leaner second derivatives inside a gradient graph
+    **LEAN_OPS,  # same values; leaner second derivatives inside a gradient graph
 }
 
 def _normalizes_over_samples(*args: Any, **kwargs: Any) -> bool:
@@ -171,12 +172,13 @@ def explain_autograd_error(err: BaseException, where: str) -> NoDerivativeError 
     if backward is None and forward is None:
         return None
     op = (backward or forward).group(1).rstrip(".,")
+    stand_ins = sorted(f.__name__ for f in SUBSTITUTES if f not in LEAN_OPS)
     what = ("has no second derivative in torch, so the exact Hessian products curvlens needs "
             "cannot be formed" if backward is not None else
             "has no forward-mode derivative in torch (use method='hvp' or 'auto')")
     return NoDerivativeError(
         f"{where}: the op {op} (used in the model's forward pass or its first derivative) "
         f"{what}; replace that op by a twice-differentiable form of it, or leave this layer out "
-        f"(curvlens itself substitutes {sorted(f.__name__ for f in SUBSTITUTES)} while "
+        f"(curvlens itself substitutes {stand_ins} while "
         "measuring)"
     )

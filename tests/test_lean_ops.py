@@ -44,12 +44,18 @@ class TiedConvNet(nn.Module):
 def _setup(seed: int = 0):
     torch.manual_seed(seed)
     model = TiedConvNet().double().train()
+    with torch.no_grad():  # running statistics away from (0, 1), a non-trivial affine map
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-0.5, 0.5)
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
     return model, x, y
 
 
-def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   training: bool) -> torch.Tensor:
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
@@ -61,16 +67,24 @@ def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
             start += s.numel()
         return F.cross_entropy(functional_call(model, parts, (x,)), y)
 
-    # plain reverse-over-reverse autograd, outside curvlens (batch statistics in training mode)
-    return torch.autograd.functional.hessian(loss, flat0, vectorize=True)
+    # plain reverse-over-reverse autograd, outside curvlens: batch statistics in training mode,
+    # running ones in eval mode (the running statistics are not updated by the reference)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train(training)
+    try:
+        return torch.autograd.functional.hessian(loss, flat0, vectorize=True)
+    finally:
+        model.load_state_dict(state)
+        model.train()
 
 
-def test_hessian_equals_dense_reference():
+@pytest.mark.parametrize("policy", ["batch", "eval"])
+def test_hessian_equals_dense_reference(policy):
     model, x, y = _setup()
-    dense = _dense_hessian(model, x, y)
+    dense = _dense_hessian(model, x, y, training=policy == "batch")
     params = [p for _, p in model.named_parameters()]
     gen = torch.Generator().manual_seed(1)
-    with measurement_mode(model, batch_norm="batch"):
+    with measurement_mode(model, batch_norm=policy):
         graph = GradGraph(model, F.cross_entropy, (x,), y, params, "model")
         for _ in range(2):
             vs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
@@ -105,10 +119,16 @@ def test_stand_in_only_inside_gradient_graphs():
         stack.extend(n for n, _ in node.next_functions)
     assert "_LeanConvBackward" in names
     assert "_WeightGradBackward" in names  # the weight gradient, differentiable on its own
-    # values are the same ops: the gradient equals plain autograd's bit for bit
+    assert "NativeBatchNormBackward0" not in names  # eval batch norm: an elementwise affine map
+    # the same values: the convolutions are the same ops, the batch norm's affine map differs
+    # from torch's kernel by rounding only
     with measurement_mode(model):
         plain = torch.autograd.grad(F.cross_entropy(model(x), y), model.c1.weight)[0]
-    assert torch.equal(graph.grads[0].detach(), plain)
+    torch.testing.assert_close(graph.grads[0].detach(), plain, rtol=1e-13, atol=1e-15)
+    with measurement_mode(model, batch_norm="batch"):
+        graph = GradGraph(model, F.cross_entropy, (x,), y, [model.c1.weight], "model")
+        plain = torch.autograd.grad(F.cross_entropy(model(x), y), model.c1.weight)[0]
+    assert torch.equal(graph.grads[0].detach(), plain)  # batch statistics: torch's own kernel
 
 
 class _Formed(TorchDispatchMode):
