@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlens.linalg.block_krylov import block_top_eigenvalues
+
 __all__ = [
     "DiagonalFactor",
     "SketchedFactor",
@@ -68,7 +70,8 @@ class SketchedFactor:
 Factor = Tensor | DiagonalFactor | SketchedFactor
 
 
-#: dense factors up to this size are eigendecomposed; larger ones by Lanczos for the top ``k``
+#: dense factors up to this size are eigendecomposed; larger ones by block Krylov for the top
+#: ``k``
 EIGH_UP_TO = 1024
 
 
@@ -101,9 +104,10 @@ def factor_top_eigenvalues(C: Factor, k: int) -> Tensor:
     """The ``k`` largest eigenvalues of a factor, descending, float64 ``[k]`` (NaN-padded when
     a sketch holds fewer than ``k``).
 
-    Dense factors up to :data:`EIGH_UP_TO` use ``eigvalsh``, larger ones Lanczos (top ``k``
-    only, at float64 precision); a sketch gives the Rayleigh-Ritz values of its approximation
-    on its own subspace.
+    Dense factors up to :data:`EIGH_UP_TO` use ``eigvalsh``, larger ones block Krylov
+    iteration in float64 (top ``k`` only, each within ``1e-10`` relative of an eigenvalue;
+    :func:`curvlens.linalg.block_krylov.block_top_eigenvalues`); a sketch gives the
+    Rayleigh-Ritz values of its approximation on its own subspace.
     """
     if isinstance(C, DiagonalFactor):
         return C.diag.to(torch.float64).sort(descending=True).values[:k]
@@ -116,12 +120,10 @@ def factor_top_eigenvalues(C: Factor, k: int) -> Tensor:
     n = C.shape[0]
     if n <= EIGH_UP_TO or 4 * k >= n:
         return torch.linalg.eigvalsh((C + C.mT) / 2).flip(0)[:k]
-    from curvlens.linalg.lanczos import lanczos
-
-    # no symmetrized copy (on a 4608-sided factor it cost as much as the Lanczos run): the
+    # no symmetrized copy (on a 4608-sided factor it cost as much as the whole solve): the
     # factor is symmetric up to rounding, whose skew part moves no eigenvalue to first order
     gen = torch.Generator(device="cpu").manual_seed(0)
-    return lanczos(lambda v: C @ v, n, k, tol=1e-10, generator=gen, device=C.device)
+    return block_top_eigenvalues(C, k, tol=1e-10, generator=gen)
 
 
 def nystrom(Y: Tensor, omega: Tensor, diag: Tensor, dtype: torch.dtype) -> SketchedFactor:

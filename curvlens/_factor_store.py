@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlens._arrays import all_finite
 from curvlens._budget import check_fits, resolve_budget
 from curvlens._dist import all_reduce_sum, is_distributed, sum_count
 from curvlens._factor_forms import DiagonalFactor, Factor, SketchedFactor, nystrom
@@ -141,8 +142,8 @@ class FactorSide:
         contribution in place: only the upper triangle (``i <= j``) is read, the lower one is
         mirrored from it. A diagonal side that fits turns dense; ``None`` for a sketched side."""
         if self.state == "diag" and self.dense_ok:
-            self._widen("dense")
-            self.dense, self.order = self.dense[order][:, order], order
+            self.dense, self.order = torch.diag(self.diag[order]), order  # diag(d) reordered
+            self.state = "dense"
         if self.state != "dense":
             return None
         if not _same_order(order, self.order):
@@ -170,18 +171,24 @@ class FactorSide:
         for r, c in self._blocks():
             self.dense[r, c].addmm_(rows[:, r].mT, rows[:, c])
 
-    def _full_dense(self) -> Tensor:
-        """The symmetric dense sum in the natural order (the lower blocks mirrored from the upper
-        ones; in another order, the lower triangle from the upper one)."""
-        if self.order is not None:  # its upper triangle, in its order
-            inverse = torch.argsort(self.order)
-            return (self.dense.triu() + self.dense.triu(1).mT)[inverse][:, inverse]
-        if self.dim < _BLOCKED_FROM:
-            return self.dense
-        full = self.dense.clone()
-        for r, c in self._blocks():
-            if r != c:
-                full[c, r] = full[r, c].mT
+    def _full_dense(self, count: int = 1) -> Tensor:
+        """The symmetric dense sum in the natural order, divided by ``count``: the lower blocks
+        mirrored from the upper ones (in another order, the lower triangle from the upper one,
+        mirrored in place: it is scratch there)."""
+        if self.order is None and self.dim < _BLOCKED_FROM:
+            return self.dense if count == 1 else self.dense / count
+        if self.order is None:
+            full = self.dense / count
+            for r, c in self._blocks():
+                if r != c:
+                    full[c, r] = full[r, c].mT
+            return full
+        _mirror_upper(self.dense)
+        inverse = torch.argsort(self.order)
+        full = torch.empty_like(self.dense)
+        for start in range(0, self.dim, _TILE):  # a band of rows at a time, both gathers
+            rows = self.dense.index_select(0, inverse[start:start + _TILE])
+            torch.index_select(rows.div_(count), 1, inverse, out=full[start:start + _TILE])
         return full
 
     def _widen(self, state: str) -> None:
@@ -222,11 +229,27 @@ class FactorSide:
     def finish(self, count: int) -> Factor:
         """The averaged factor ``(1/count) sum r r^T`` in its stored form."""
         if self.state == "dense":
-            return self._full_dense() / count
+            return self._full_dense(count)
         if self.state == "diag":
             d = self.diag / count
             return torch.diag(d) if self.dim <= DENSE_DIAGONAL_UP_TO else DiagonalFactor(d)
         return nystrom(self.Y / count, self.omega(), self.diag / count, self.dtype)
+
+
+#: rows and columns per tile when a square matrix is mirrored or reordered
+_TILE = 256
+
+
+def _mirror_upper(M: Tensor) -> None:
+    """``M``'s strict lower triangle := its strict upper one transposed, in place, a tile at a
+    time (cache-sized tiles: a whole-matrix ``triu() + triu(1).mT`` made three more copies)."""
+    n = M.shape[0]
+    for i in range(0, n, _TILE):
+        diag = M[i:i + _TILE, i:i + _TILE]
+        lower = torch.ones_like(diag, dtype=torch.bool).tril_(-1)
+        diag.copy_(torch.where(lower, diag.mT, diag))
+        for j in range(i + _TILE, n, _TILE):
+            M[j:j + _TILE, i:i + _TILE] = M[i:i + _TILE, j:j + _TILE].mT
 
 
 def _same_order(a: Tensor | None, b: Tensor | None) -> bool:
@@ -306,7 +329,7 @@ class FactorAccumulator:
             check_finite: refuse NaN/Inf in ``grad`` (off where the caller checked already).
         """
         info = self.layers[name]
-        if check_finite and not torch.isfinite(grad).all():
+        if check_finite and not all_finite(grad):
             raise RuntimeError(
                 f"layer {name!r}: NaN or Inf in the output gradient; check the loss and the "
                 "learning rate before measuring curvature"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlens._arrays import all_finite
 from curvlens._batches import FixedData
 from curvlens._dist import batch_mean
 from curvlens.layers import LayerInfo
@@ -133,7 +134,7 @@ def layer_gradients(model: nn.Module, loss_fn: Callable, args: tuple, targets: A
                          "`layers=`")
             continue
         g = info.extract(g.to_dense() if g.is_sparse else g)  # nn.Embedding(sparse=True)
-        if not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             out[name] = (f"layer {name!r}: the gradient on {what} has NaN or Inf entries; check "
                          "the loss scale, the inputs and the weights")
             continue

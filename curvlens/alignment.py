@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from curvlens._arrays import all_finite
 from curvlens._factor_forms import (
     DiagonalFactor,
     Factor,
@@ -100,13 +101,13 @@ def log_slope(sigma: Tensor, values: Tensor, window: Tensor) -> float:
     return float((dx * (y - y.mean())).sum()) / sxx
 
 
-def _descending_eigenvalues(C: Factor, name: str, k: int) -> Tensor:
-    """The top ``k`` eigenvalues of a factor in any form (float64, descending)."""
+def _checked(C: Factor, name: str) -> Factor:
+    """``C`` with its values checked finite, a dense one in float64 (once, for both readers)."""
     values = C.diag if isinstance(C, DiagonalFactor) else (
         C.eigvals if isinstance(C, SketchedFactor) else C)
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise ValueError(f"{name} holds NaN or Inf; recompute the Kronecker factors")
-    return factor_top_eigenvalues(C, k)
+    return C.to(torch.float64) if isinstance(C, Tensor) else C
 
 
 def alignment_budget(
@@ -166,8 +167,9 @@ def alignment_budget(
         )
     if K > min(m, n):
         raise ValueError(f"K={K} directions exceed the factor sizes m={m}, n={n}")
-    lam_d = _descending_eigenvalues(C_delta, "C_delta", K).to(sigma.device)
-    lam_a = _descending_eigenvalues(C_A, "C_A", K).to(sigma.device)
+    C_delta, C_A = _checked(C_delta, "C_delta"), _checked(C_A, "C_A")
+    lam_d = factor_top_eigenvalues(C_delta, K).to(sigma.device)
+    lam_a = factor_top_eigenvalues(C_A, K).to(sigma.device)
     U64, V64 = U[:, :K].to(torch.float64), V[:, :K].to(torch.float64)
     q_d = factor_quad(C_delta, U64).to(sigma.device)
     q_a = factor_quad(C_A, V64).to(sigma.device)

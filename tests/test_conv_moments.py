@@ -130,3 +130,22 @@ def test_side_in_tap_order_takes_rows_and_reads_in_weight_order(dim_channels, mo
     twin.all_reduce()
     assert twin.order is None
     torch.testing.assert_close(twin.finish(n1 + n2), want, rtol=1e-12, atol=1e-12)
+
+
+def test_side_in_tap_order_reads_again_after_more_sums():
+    """Reading a tap-ordered side mirrors its upper triangle in place (the lower one is
+    scratch); sums added after a read and read again still equal the unfolded sums."""
+    from curvlens._factor_store import FactorSide
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(70, 2, 3, padding=1).double()  # 630 = 2 tiles and a bit
+    xs = [torch.randn(2, 70, 3, 4, dtype=torch.float64) for _ in range(3)]
+    side = FactorSide(630, dtype=torch.float64, device=torch.device("cpu"), budget=1 << 30,
+                      layer="conv")
+    want, count = torch.zeros(630, 630, dtype=torch.float64), 0
+    for x in xs:
+        moments = conv2d_patch_moments(conv, x)
+        count += moments.add(side.dense_sum(moments.order))
+        want += _unfolded_sum(conv, x)[0]
+        assert side.order is not None  # still in tap order
+        torch.testing.assert_close(side.finish(count), want / count, rtol=1e-12, atol=1e-14)

@@ -141,3 +141,16 @@ def test_blocked_dense_sum_equals_the_full_outer_product(dim):
         side.add(rows)
     A = torch.cat(parts)
     torch.testing.assert_close(side.finish(120), A.T @ A / 120, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_dense_factor_top_eigenvalues_match_eigvalsh(dtype):
+    """Above the size that is eigendecomposed, a dense factor's top eigenvalues come from
+    block Krylov iteration in float64: within 1e-10 of eigvalsh on the same (exact) matrix."""
+    dim = 1100
+    rows = _rows(300, dim, 1.2, seed=4)  # rank 300: a bulk of zeros below the top
+    C = (rows.T @ rows / 300).to(dtype)
+    want = torch.linalg.eigvalsh(C.double()).flip(0)[:10]
+    got = factor_top_eigenvalues(C, 10)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)

@@ -1,4 +1,5 @@
-"""Lanczos, Hutchinson and SLQ kernels against ``torch.linalg`` on explicit matrices."""
+"""Lanczos, block Krylov, Hutchinson and SLQ kernels against ``torch.linalg`` on explicit
+matrices."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import pytest
 import torch
 
+from curvlens.linalg.block_krylov import block_top_eigenvalues
 from curvlens.linalg.lanczos import lanczos
 from curvlens.linalg.slq import gaussian_density, slq_quadrature, spectral_density
 from curvlens.linalg.trace import hutchinson_trace, random_probes
@@ -246,3 +248,55 @@ def test_thick_restart_float32_basis_and_bad_max_basis():
                                rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="max_basis must be an int >= 6"):
         lanczos(lambda v: A @ v, 200, 4, max_basis=5)
+
+
+# block Krylov (dense matrices, the top end only)
+BLOCK_CASES = {
+    "power_law": lambda: torch.arange(1, 401, dtype=DT) ** -1.5,
+    # a few outliers over a tight bulk: Kronecker factors of a small batch look like this
+    "outliers_over_cluster": lambda: torch.cat([torch.tensor([1.0, 0.5, 0.49, 0.27], dtype=DT),
+                                                1.5e-3 * torch.rand(
+                                                    200, generator=torch.Generator()
+                                                    .manual_seed(3), dtype=DT)]),
+    "repeated_top": lambda: torch.cat([torch.full((4,), 2.0, dtype=DT),
+                                       torch.linspace(0, 1, 300, dtype=DT)]),
+    "indefinite": lambda: torch.linspace(-3, 5, 400, dtype=DT) ** 3,
+    # fewer nonzero eigenvalues than asked for: the zeros come from an invariant subspace
+    "low_rank": lambda: torch.cat([torch.tensor([9.0, 4.0, 1.0], dtype=DT), torch.zeros(397)]),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_CASES))
+@pytest.mark.parametrize("block", [None, 5])
+def test_block_top_eigenvalues_match_eigvalsh(name, block):
+    A = _sym(BLOCK_CASES[name](), seed=1)
+    k = 8
+    exact = torch.linalg.eigvalsh(A).flip(0)[:k]
+    got = block_top_eigenvalues(A, k, tol=1e-10, block=block)
+    scale = float(exact.abs().max())
+    # each value within tol of an eigenvalue (relative), or the rounding level for zeros
+    torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-13 * scale)
+    assert torch.all(got[:-1] >= got[1:])
+
+
+def test_block_whole_space_is_exact():
+    A = _sym(torch.arange(1.0, 13.0, dtype=DT), seed=4)
+    torch.testing.assert_close(block_top_eigenvalues(A, 12, tol=1e-10),
+                               torch.linalg.eigvalsh(A).flip(0), rtol=1e-12, atol=1e-12)
+
+
+def test_block_same_generator_same_values():
+    A = _sym(torch.arange(1, 301, dtype=DT) ** -1.0, seed=5)
+    a = block_top_eigenvalues(A, 5, tol=1e-10, generator=torch.Generator().manual_seed(7))
+    b = block_top_eigenvalues(A, 5, tol=1e-10, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("A", "k", "match"), [
+    (torch.ones(3, 4, dtype=DT), 1, r"square matrix, got shape \(3, 4\)"),
+    (torch.eye(3, dtype=DT), 0, r"1 <= k <= n=3, got 0"),
+    (torch.eye(3, dtype=DT), 4, r"1 <= k <= n=3, got 4"),
+])
+def test_block_bad_input_raises(A, k, match):
+    with pytest.raises(ValueError, match=match):
+        block_top_eigenvalues(A, k, tol=1e-10)

@@ -134,3 +134,19 @@ def test_gram_singular_values_skip_zero_columns_exactly(dtype):
     tiny[:, 0], tiny[:3, 1] = 1e-150, 2e-150  # a gradient of tiny scale keeps its columns
     torch.testing.assert_close(gram_singular_values(tiny, 2), torch.linalg.svdvals(tiny)[:2],
                                rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(("m", "n"), [(160, 900), (900, 160)])
+def test_gradient_svd_skips_zero_columns_exactly(m, n):
+    """All-zero columns of the smaller side's matrix (a conv gradient's padding-only taps)
+    are left out of the Gram: the same triplets as the full SVD, zeros in V on those rows."""
+    G = _decaying(m, n, seed=11, decay=0.7)
+    zero = torch.zeros(max(m, n), dtype=torch.bool)
+    zero[200:] = True
+    if m < n:
+        G[:, zero] = 0.0
+    else:
+        G[zero] = 0.0
+    U, S, V = gradient_svd(G, 10)
+    _assert_matches_reference(G, U, S, V, 10)
+    assert torch.all((V if m < n else U)[zero] == 0)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlens._arrays import all_finite
+
 __all__ = ["gradient_svd", "gram_singular_values", "fix_signs"]
 
 #: matrices whose smaller side is at most this use the Gram path under ``method="auto"``
@@ -92,7 +94,7 @@ def gradient_svd(
         k = r
     if not (1 <= int(k) <= r):
         raise ValueError(f"k must be in [1, {r}] for a {m}x{n} matrix, got {k!r}")
-    if not torch.isfinite(G).all():
+    if not all_finite(G):
         raise ValueError("gradient_svd got NaN or Inf entries; check the loss and the gradient")
     if method not in ("auto", "gram", "dense", "subspace"):
         raise ValueError(f"method must be 'auto', 'gram', 'dense' or 'subspace', got {method!r}")
@@ -152,7 +154,9 @@ def _gram_svd(G: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k triplets from ``eigh`` of the smaller Gram matrix, in float64 (the dense SVD when
     the wanted values go below the Gram's resolution: rank-deficient gradients)."""
     transpose = G.shape[0] > G.shape[1]
-    A = (G.mT if transpose else G).to(torch.float64)  # [r, c] with r <= c
+    A = G.mT if transpose else G  # [r, c] with r <= c
+    used = _used_columns(A)  # all-zero columns add nothing to the Gram, and zero rows to V
+    A = (A if used is None else A[:, used]).to(torch.float64)
     evals, evecs = torch.linalg.eigh(A @ A.mT)  # ascending, [r], [r, r]
     if _below_gram_resolution(evals.flip(0)[:k], A.shape[0]):
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
@@ -162,6 +166,8 @@ def _gram_svd(G: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     tiny = torch.finfo(torch.float64).tiny
     Vs = (A.mT @ Us) / S.clamp_min(tiny)  # [c, k]
     Vs = Vs / torch.linalg.vector_norm(Vs, dim=0).clamp_min(tiny)  # exact zero sigma: a unit-ish
+    if used is not None:
+        Vs = Vs.new_zeros(used.shape[0], k).index_copy_(0, used.nonzero().flatten(), Vs)
     U, V = (Vs, Us) if transpose else (Us, Vs)
     return U.to(G.dtype), S.to(G.dtype), V.to(G.dtype)
 
@@ -188,15 +194,22 @@ def _gram(A: Tensor) -> Tensor:
 _SPARSE_FROM = 128
 
 
-def _nonzero_columns(A: Tensor) -> Tensor:
-    """``A [r, c]`` without its all-zero columns, which add nothing to ``A A^T`` (from
-    :data:`_SPARSE_FROM` rows on; one pass over ``A`` against the Gram's ``r`` passes). A
-    convolution's gradient on 1 x 1 maps is zero in every column of a tap that only sees
-    padding: eight ninths of a ResNet-18's last-stage 512 x 4608 gradients at 32 x 32."""
+def _used_columns(A: Tensor) -> Tensor | None:
+    """``[c]`` bool: the columns of ``A [r, c]`` that are not all zero; ``None`` when all are,
+    or below :data:`_SPARSE_FROM` rows. All-zero columns add nothing to ``A A^T`` (one pass over
+    ``A`` against the Gram's ``r`` passes). A convolution's gradient on 1 x 1 maps is zero in
+    every column of a tap that only sees padding: eight ninths of a ResNet-18's last-stage
+    512 x 4608 gradients at 32 x 32."""
     if A.shape[0] < _SPARSE_FROM:
-        return A
+        return None
     used = A.abs().sum(0) > 0  # a sum of non-negative values is 0 only when all are
-    return A if bool(used.all()) else A[:, used]
+    return None if bool(used.all()) else used
+
+
+def _nonzero_columns(A: Tensor) -> Tensor:
+    """``A [r, c]`` without its all-zero columns (see :func:`_used_columns`)."""
+    used = _used_columns(A)
+    return A if used is None else A[:, used]
 
 
 def _refined(A: Tensor, gram: Tensor, k: int, subspace: bool) -> Tensor:

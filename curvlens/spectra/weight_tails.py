@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlens._arrays import all_finite
 from curvlens._options import parse_option
 from curvlens.layers import find_layers
 from curvlens.spectra.power_law_tail import PowerLawTail, fit_powerlaw_tail, hill_estimator
@@ -85,7 +86,7 @@ def _as_matrix(weight: Tensor | np.ndarray, name: str = "weight") -> Tensor:
     if not torch.is_floating_point(w):
         raise TypeError(f"{name} must be a floating tensor, got dtype {w.dtype}")
     w = w.detach().flatten(1).to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise ValueError(f"{name} contains NaN or Inf entries; its ESD is undefined")
     return w
 
