@@ -225,7 +225,8 @@ def block_eigenvalues(
         which: ``"largest"`` (default), ``"smallest"`` or ``"both"`` (see
             :func:`~curvlens.linalg.lanczos.lanczos`).
         num_iter: maximum number of HVPs (Lanczos steps).
-        tol: relative residual tolerance of the Ritz pairs (default ``sqrt(eps)``).
+        tol: relative eigenvalue error, as estimated from the Ritz residuals and gaps (default
+            ``100 * eps``; see :func:`~curvlens.linalg.lanczos.lanczos`).
         generator: seeds the start vector.
         dtype: Lanczos working precision (default: float64 for float64 weights, else float32).
         return_vectors: also return the eigenvectors in the matrix view.

@@ -101,11 +101,12 @@ def analyze_model(
             ``"hooks"`` or ``"backpack"`` (see :mod:`curvlens.kronecker`), or ``None`` to skip
             the factors (no ``h_kron``, no alpha budget; the report says so).
         lanczos_k: number of top block eigenvalues (default ``top_k``; 0 skips Lanczos).
-        lanczos_tol: Lanczos stops when every wanted Ritz pair's residual is at most this
-            times its eigenvalue (default ``1e-2`` for float32 weights, which bounds each
-            eigenvalue's relative error by ``1e-2`` and leaves it near ``1e-4`` in practice,
-            well below what the log-log fit of ``s_lanczos`` resolves; ``sqrt(eps)`` for
-            float64). Smaller values buy accuracy with more Hessian-vector products.
+        lanczos_tol: Lanczos stops when every wanted eigenvalue's estimated relative error
+            is at most this (:func:`~curvlens.linalg.lanczos.lanczos`; default ``1e-3`` for
+            float32 weights, well below what the log-log fit of ``s_lanczos`` resolves;
+            ``100 * eps`` for float64). Smaller values buy accuracy with more Hessian-vector
+            products; above about ``3e-3`` the ``lanczos_k``-th value of a block whose
+            eigenvalues cluster there can be a neighbour's (see the memory guide).
         noise_floor: compute the half-batch noise floor (needs ``B >= 2``).
         paper_compatible, bootstrap, seed, interval, level, trust: passed to
             :func:`analyze_layer` (the interval method and level of every ``*_ci``, the

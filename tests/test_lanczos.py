@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from curvlens.linalg.block_krylov import block_top_eigenvalues
-from curvlens.linalg.lanczos import lanczos
+from curvlens.linalg.lanczos import error_bounds, lanczos, lanczos_tridiagonal, random_unit
 from curvlens.linalg.slq import gaussian_density, slq_quadrature, spectral_density
 from curvlens.linalg.trace import hutchinson_trace, random_probes
 
@@ -58,6 +58,82 @@ def test_lanczos_matches_eigvalsh(name, which):
     torch.testing.assert_close(A @ vectors, vectors * values, rtol=0, atol=1e-6 * scale)
     torch.testing.assert_close(vectors.T @ vectors, torch.eye(len(values), dtype=DT),
                                rtol=0, atol=1e-8)
+
+
+# k = 10 wanted values (5 at each end for "both"); n = 300-400
+ERROR_CASES = {
+    "power_law": (lambda: torch.arange(1, 401, dtype=DT) ** -1.2, ("largest",)),
+    # a cluster at places 10-12, 0.4% apart, above a bulk
+    "clustered": (lambda: torch.cat([torch.linspace(10, 6, 9, dtype=DT),
+                                     torch.tensor([5.0, 4.98, 4.96], dtype=DT),
+                                     4.5 * torch.rand(288, generator=torch.Generator()
+                                                      .manual_seed(0), dtype=DT)]),
+                  ("largest",)),
+    "negative": (lambda: torch.linspace(-3, 2, 300, dtype=DT) ** 3,
+                 ("largest", "smallest", "both")),
+}
+
+
+def _ends(exact: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    top, bottom = exact.flip(0)[:k], exact[:k].flip(0)
+    return {"largest": top, "smallest": bottom, "both": torch.cat([top, bottom])}[which]
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6, 1e-10])
+@pytest.mark.parametrize("name,which", [(n, w) for n, (_, ws) in ERROR_CASES.items()
+                                        for w in ws])
+def test_tol_bounds_the_relative_eigenvalue_error(name, which, tol):
+    """``tol`` is the relative error of each reported eigenvalue; and stopping on the estimated
+    error (``r^2 / gap``) comes before every residual is that small."""
+    A = _sym(ERROR_CASES[name][0](), seed=1)
+    n = A.shape[0]
+    k = 5 if which == "both" else 10
+    v0 = random_unit(n, generator=torch.Generator().manual_seed(2), dtype=DT, device="cpu")
+    values = lanczos(lambda v: A @ v, n, k, which=which, tol=tol, v0=v0)
+    expected = _ends(torch.linalg.eigvalsh(A), k, which)
+    rel = (values - expected).abs() / expected.abs()
+    if name == "clustered" and tol == 1e-3:
+        # The cluster's top member is not resolved yet when the estimate says 1e-3: the 10th
+        # value sits between cluster members, off by less than the cluster's width.
+        assert tol < float(rel.max()) < 0.008
+        return
+    assert float(rel.max()) <= tol
+    # it stopped on the estimate r^2 / gap: some wanted residual is still above tol * |theta|
+    _, vectors = lanczos(lambda v: A @ v, n, k, which=which, tol=tol, v0=v0, return_vectors=True)
+    resid = torch.linalg.vector_norm(A @ vectors - vectors * values, dim=0)
+    assert bool((resid > tol * values.abs()).any())
+
+
+def test_error_bounds_use_the_gap_to_the_other_ritz_intervals():
+    theta = torch.tensor([1.0, 2.0, 5.0], dtype=DT)
+    resid = torch.tensor([0.1, 0.01, 0.5], dtype=DT)
+    got = error_bounds(theta, resid, torch.tensor([0, 1, 2]))
+    # gaps: 1 - 0.01 (to [1.99, 2.01]); 1 - 0.1 (to [0.9, 1.1]); 3 - 0.01
+    expected = torch.tensor([0.01 / 0.99, 1e-4 / 0.9, 0.25 / 2.99], dtype=DT)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    # a gap not above the residual, or no other Ritz value: the residual itself
+    wide = error_bounds(theta, torch.tensor([0.1, 0.9, 0.5], dtype=DT), torch.tensor([0]))
+    torch.testing.assert_close(wide, torch.tensor([0.1], dtype=DT))
+    torch.testing.assert_close(error_bounds(theta[:1], resid[:1], torch.tensor([0])),
+                               resid[:1])
+
+
+def test_error_estimates_cover_the_true_errors_of_resolved_ritz_values():
+    """Ritz values of an 8-step Lanczos on a power law: each of the top 4 is within its
+    estimate of the eigenvalue it approximates, and the estimate is far below the residual."""
+    A = _sym(torch.arange(1, 301, dtype=DT) ** -1.0, seed=5)
+    exact = torch.linalg.eigvalsh(A)
+    v0 = random_unit(300, generator=torch.Generator().manual_seed(0), dtype=DT, device="cpu")
+    alpha, beta = lanczos_tridiagonal(lambda v: A @ v, v0, 9)
+    T = torch.diag(alpha[:8]) + torch.diag(beta[:7], 1) + torch.diag(beta[:7], -1)
+    theta, S = torch.linalg.eigh(T)
+    resid = (beta[7] * S[-1]).abs()
+    top = torch.arange(4, 8)
+    est = error_bounds(theta, resid, top)
+    err = (exact[-4:] - theta[top]).abs()
+    assert bool((err > 1e-12).all())  # above rounding
+    assert bool((err <= est).all())
+    assert bool((est <= 0.2 * resid[top]).all())
 
 
 def test_lanczos_repeated_top_eigenvalue_is_found_once():

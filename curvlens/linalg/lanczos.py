@@ -4,8 +4,12 @@ The operator is given only through ``matvec`` (e.g. a Hessian-vector product), s
 knows about models. After ``j`` steps the Krylov basis ``Q_j`` and the tridiagonal
 ``T_j = Q_j^T A Q_j`` give Ritz pairs ``(theta_i, Q_j s_i)`` whose residual norms are
 ``|beta_{j+1} s_{j,i}|`` (Paige); a symmetric ``A`` has an eigenvalue within that distance of
-``theta_i``. Iteration stops when every wanted Ritz value has a residual below
-``tol * |theta_i|`` (ARPACK's criterion). Each new vector is orthogonalized against the whole basis
+``theta_i``, and within ``r_i^2 / gap_i`` when nothing else of the spectrum is within ``gap_i``
+(Kato-Temple). Iteration stops when every wanted Ritz value's estimated error
+``min(r_i, r_i^2 / gap_i)``, the gap estimated from the other Ritz values (see
+:func:`error_bounds`), is below ``tol * |theta_i|``. Near convergence the error is the smaller
+of the two by orders of magnitude, so a tolerance on it is a tolerance on what is reported.
+Each new vector is orthogonalized against the whole basis
 twice ("twice is enough"), so the Ritz values carry no spurious copies. When the Krylov space
 becomes invariant, the iteration continues from a fresh random vector orthogonal to the basis,
 which uncovers further copies of repeated eigenvalues; it stops when such a restart leaves the
@@ -36,7 +40,7 @@ from torch import Tensor
 from curvlens._options import parse_option
 from curvlens._progress import progress_bar
 
-__all__ = ["Which", "lanczos", "lanczos_tridiagonal"]
+__all__ = ["Which", "error_bounds", "lanczos", "lanczos_tridiagonal"]
 
 
 class Which(str, Enum):
@@ -140,9 +144,14 @@ def lanczos(
         num_iter: the maximum number of ``matvec`` calls (the Krylov dimension without
             restarts); default
             ``min(dim, max(30 * k, 100))``. A warning says so when it was not enough.
-        tol: stop when each wanted Ritz pair's residual ``||A y - theta y||`` is at most
-            ``tol * |theta|``; default ``sqrt(eps)`` of ``dtype``. The eigenvalue error is at most
-            the residual and usually near its square divided by the spectral gap.
+        tol: relative eigenvalue error: stop when each wanted Ritz value's estimated error
+            ``min(r, r^2 / gap)`` (``r = ||A y - theta y||``, the gap to the rest of the
+            spectrum estimated from the other Ritz values; :func:`error_bounds`) is at most
+            ``tol * |theta|``; default ``100 * eps`` of ``dtype`` (working accuracy). ``r``
+            bounds the distance to some eigenvalue; the squared form relies on the estimated
+            gap, so an eigenvalue that no Ritz value has resolved yet (a close member of a
+            cluster at the ``k``-th place) can be missed: the ``k``-th value then approximates
+            its neighbour. Tighter ``tol`` makes that less likely.
         generator: seeds the random start vector (and restarts); same generator state, same
             result.
         v0: ``[dim]`` start vector instead of a random one.
@@ -192,7 +201,7 @@ def lanczos(
     if max_basis is None or max_basis >= dim:  # no restart: the Krylov space ends at dim
         num_iter = min(num_iter, dim)
     eps = torch.finfo(dtype).eps
-    tol = eps**0.5 if tol is None else float(tol)
+    tol = 100 * eps if tol is None else float(tol)
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
 
@@ -253,9 +262,9 @@ def lanczos(
                 last_breakdown = theta[wanted] if j >= n_ends * k else None
             elif j >= n_ends * k:
                 last_breakdown = None
-                resid = (beta_f * s[-1, wanted]).abs()
+                err = error_bounds(theta, (beta_f * s[-1]).abs(), wanted)
                 floor = 10 * eps * scale
-                if bool((resid <= torch.maximum(tol * theta[wanted].abs(), floor)).all()):
+                if bool((err <= torch.maximum(tol * theta[wanted].abs(), floor)).all()):
                     converged = True
                     break
             if n_mv == num_iter or (j == dim and restarts == 0 and not breakdown):
@@ -293,6 +302,33 @@ def lanczos(
         return values
     vectors = basis[:j].mT @ s[:, idx].to(device=device, dtype=dtype)  # [dim, k]
     return values, vectors
+
+
+def error_bounds(theta: Tensor, resid: Tensor, idx: Tensor) -> Tensor:
+    r"""Estimated errors ``min(r_i, r_i^2 / gap_i)`` of the Ritz values ``theta[idx]``.
+
+    ``r_i = ||A y_i - theta_i y_i||``: a symmetric ``A`` has an eigenvalue within ``r_i`` of
+    ``theta_i``, and when no other eigenvalue lies within ``gap_i`` of ``theta_i`` that
+    eigenvalue is within ``r_i^2 / gap_i`` (Kato-Temple; Parlett, ch. 11). The gap is estimated
+    from the other Ritz values: the distance from ``theta_i`` to the nearest interval
+    ``[theta_l - r_l, theta_l + r_l]`` (each holds an eigenvalue). That is the standard
+    practical estimate, not a bound: an eigenvalue no Ritz value has resolved yet (a close
+    member of a cluster, or one the start vector barely touches) can lie closer. Where the
+    estimated gap is not above ``r_i`` (or there is no other Ritz value), the estimate is ``r_i``.
+
+    Args:
+        theta: ``[j]`` Ritz values (any order).
+        resid: ``[j]`` their residual norms.
+        idx: ``[w]`` indices of the Ritz values to bound.
+
+    Returns:
+        ``[w]`` error estimates, in the order of ``idx``.
+    """
+    dist = (theta[idx, None] - theta[None, :]).abs() - resid[None, :]  # [w, j]
+    dist[torch.arange(idx.numel()), idx] = torch.inf
+    gap = dist.min(dim=1).values if theta.numel() > 1 else torch.zeros_like(resid[idx])
+    r = resid[idx]
+    return torch.where(gap > r, r**2 / gap, r)
 
 
 def _kept(j: int, k: int, which: Which, cap: int) -> Tensor:
