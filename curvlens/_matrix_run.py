@@ -49,7 +49,7 @@ __all__ = ["MatrixRun", "explain", "shared_graphs"]
 
 _BUDGET = ("b_chi", "b_rho_delta", "b_rho_A", "b_lambda_delta", "b_lambda_A", "beta", "phi")
 # analyze's Lanczos tolerance on float32 weights: the estimated relative eigenvalue error. On
-# ResNet-18's 21 blocks every top-10 value came within 8.9e-4 of its converged value; at 3e-3
+# ResNet-18's 21 blocks every top-10 value came within 9.0e-4 of its converged value; at 3e-3
 # and above the 10th value of two blocks was a not yet resolved neighbour's (1.5e-2 off).
 LANCZOS_TOL_FLOAT32 = 1e-3
 _LANCZOS = ("s_lanczos", "s_lanczos_r2", "s_lanczos_ci", "transfer_error_lanczos",
