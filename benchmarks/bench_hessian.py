@@ -11,7 +11,8 @@ of Hessian-vector products (HVPs) and the largest relative error against a float
 (curvlens Lanczos at tol 1e-12 on a float64 copy of the model). Methods:
 
 * ``curvlens``: :func:`curvlens.hessian_spectrum.model_eigenvalues` / ``block_eigenvalues`` with
-  ``tol=1e-4`` (Ritz residual <= 1e-4 |theta|, which bounds the relative eigenvalue error).
+  ``tol=1e-4`` (each wanted Ritz value's estimated error ``min(r, r^2 / gap)`` at most
+  ``1e-4 |theta|``, ``r`` its residual).
 * ``pyhessian``: ``pyhessian.hessian(...).eigenvalues(top_n=5, tol=...)``, deflated power
   iteration, run at its default tol 1e-3 and at tol 1e-4 (maxIter 100 per eigenvalue, default).
 * ``curvlinops``: ``HessianLinearOperator(...).to_scipy()`` + ``scipy.sparse.linalg.eigsh(k=5,
