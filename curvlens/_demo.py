@@ -1,9 +1,14 @@
 """``curvlens demo``: a digits CNN trained with the lens attached, a report every epoch.
 
 The run is the lens's intended use: :class:`~curvlens.lens.CurvatureLens` in the training
-loop (``step()`` after each backward), :meth:`~curvlens.lens.CurvatureLens.analyze` on a fixed
-batch of training images after each epoch, the per-layer table printed, and the run written as
-JSON (every epoch), JSON (last epoch), CSV and PNG figures. With ``optimizer="spectral-newton"``
+loop (``step()`` after each backward), :meth:`~curvlens.lens.CurvatureLens.analyze` on fixed
+data after each epoch, the per-layer table printed, and the run written as JSON (every epoch),
+JSON (last epoch), CSV and PNG figures. The fixed data is measured as a careful user would: the
+gradient, its singular values and the noise floor on 16384 training images under random
+one-pixel shifts (after five epochs, the layers' top ``K = 10`` gradient singular values need
+about that many samples to clear the half-batch noise floor; 256 images leave every layer
+untrusted), the curvatures on the first two batches (512 samples; the ``curvature_noise`` flag
+checks that they were enough). With ``optimizer="spectral-newton"``
 the optimizer is :class:`curvlens.optim.SpectralNewton` at its default policy with the lens
 attached: each hidden layer's exponent is the alpha the lens measured last when its interval is
 narrow enough (Calvo, 2026, arXiv:2606.02596).
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from curvlens._progress import progress_bar, progress_write
-from curvlens._tasks import DigitsCNN, digits_data
+from curvlens._tasks import DigitsCNN, digits_data, shifted
 from curvlens.lens import CurvatureLens
 from curvlens.report import plot, save_reports, table, to_csv, to_json
 
@@ -53,6 +58,20 @@ def _optimizer(kind: DemoOptimizer, model: nn.Module, lens: CurvatureLens,
     return SpectralNewton(model, lr=lr or 3e-3, lens=lens, auto_every=1)
 
 
+def _analysis_data(x: torch.Tensor, y: torch.Tensor, samples: int, batch: int,
+                   generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``samples`` training images ``[B, 1, 8, 8]`` (each drawn about equally often), each moved
+    by a random one-pixel shift, in batches of ``batch``."""
+    idx = torch.cat([torch.randperm(len(y), generator=generator)
+                     for _ in range(-(-samples // len(y)))])[:samples]
+    return list(zip(shifted(x[idx], generator).split(batch), y[idx].split(batch)))
+
+
+def _analyze_args(fixed: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
+    """``lens.analyze``'s data: the batches, or the inputs and targets of a single batch."""
+    return fixed[0] if len(fixed) == 1 else (fixed, None)
+
+
 def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
     return progress_bar(iterable, enabled=enabled, **kwargs)
 
@@ -70,8 +89,10 @@ def run_demo(
     out: str | Path = "curvlens-out",
     seed: int = 0,
     batch_size: int = 64,
+    samples: int = 16384,
     fixed_batch: int = 256,
-    top_k: int = 20,
+    curvature_batches: int = 2,
+    top_k: int = 10,
     lanczos_k: int = 20,
     bootstrap: int = 500,
     every: int = 10,
@@ -89,7 +110,12 @@ def run_demo(
         out: output directory (created).
         seed: seed of the split, the initialization and the batch order.
         batch_size: training batch size.
-        fixed_batch: number of training images in the analysis batch.
+        samples: number of analysis samples (training images under random one-pixel shifts):
+            the gradient, its singular values and the noise floor are measured on all of them.
+        fixed_batch: samples per analysis batch.
+        curvature_batches: the curvatures (``h_k``, Lanczos, Kronecker factors) are measured on
+            the first this many analysis batches (all of them when there are fewer; at least 2
+            unless the analysis is a single batch).
         top_k, lanczos_k, bootstrap, every: lens settings (see :class:`CurvatureLens`).
         lr: learning rate (default 3e-3 for both: SpectralNewton's default policy makes its
             learning rate comparable to AdamW's).
@@ -104,6 +130,9 @@ def run_demo(
     kind = DemoOptimizer(optimizer) if not isinstance(optimizer, DemoOptimizer) else optimizer
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+    for name, value in (("samples", samples), ("fixed_batch", fixed_batch)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
     say = _write(printer, progress)
     start = time.perf_counter()
     out = Path(out)
@@ -114,18 +143,25 @@ def run_demo(
     torch.manual_seed(seed)
     model = DigitsCNN()
     loss_fn = nn.CrossEntropyLoss()
+    fixed = _analysis_data(x_train, y_train, samples, fixed_batch,
+                           torch.Generator().manual_seed(seed + 2))
+    options: dict[str, Any] = {"bootstrap": bootstrap}
+    n_curv = min(curvature_batches, len(fixed))
+    if len(fixed) > 1:
+        options["curvature_batches"] = n_curv
     lens = CurvatureLens(model, loss_fn, top_k=top_k, every=every, lanczos_k=lanczos_k,
-                         analyze_options={"bootstrap": bootstrap})
+                         analyze_options=options)
     opt = _optimizer(kind, model, lens, lr)
     g = torch.Generator().manual_seed(seed + 1)
-    fixed = torch.randperm(len(y_train), generator=g)[:fixed_batch]
-    x_fixed, y_fixed = x_train[fixed], y_train[fixed]
     result = DemoResult()
     say(f"curvlens demo: digits CNN, {len(y_train)} training / {len(data.y_test)} test images, "
-        f"{kind.value}, {epochs} epochs, analysis on {len(y_fixed)} fixed training images")
+        f"{kind.value}, {epochs} epochs")
+    say(f"analysis after each epoch, K={top_k}: the gradient on {samples} training images under "
+        f"random one-pixel shifts ({len(fixed)} batches of {len(fixed[0][1])}), the curvatures "
+        f"on the first {sum(len(b[1]) for b in fixed[:n_curv])}")
     with lens:
         if kind is DemoOptimizer.NEWTON:  # alpha="auto" needs a first measurement
-            lens.analyze(x_fixed, y_fixed, epoch=-1)
+            lens.analyze(*_analyze_args(fixed), epoch=-1)
         for epoch in range(epochs):
             model.train()
             batches = torch.randperm(len(y_train), generator=g).split(batch_size)
@@ -139,7 +175,7 @@ def run_demo(
                 opt.zero_grad(set_to_none=True)
                 if progress:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-            report = lens.analyze(x_fixed, y_fixed, epoch=epoch)
+            report = lens.analyze(*_analyze_args(fixed), epoch=epoch)
             model.eval()
             with torch.no_grad():
                 acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
@@ -149,7 +185,8 @@ def run_demo(
             say(table(report))
     reports = [r for r in lens.history if r.epoch is not None and r.epoch >= 0]
     run_meta = {"task": "digits-cnn", "optimizer": kind.value, "seed": seed, "epochs": epochs,
-                "test_accuracy": result.test_accuracy}
+                "test_accuracy": result.test_accuracy, "analysis_samples": samples,
+                "analysis_shifted": True}
     files = {
         "run": save_reports(reports, out / "run.json", meta=run_meta),
         "report": to_json(reports[-1], out / "report.json"),

@@ -62,9 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=None,
                       help="learning rate (default 3e-3 AdamW, 0.03 Spectral Newton)")
     demo.add_argument("--batch-size", type=_positive_int, default=64)
+    demo.add_argument("--samples", type=_positive_int, default=16384,
+                      help="analysis samples: training images under random one-pixel shifts "
+                      "(the gradient and the noise floor use all of them)")
     demo.add_argument("--fixed-batch", type=_positive_int, default=256,
-                      help="training images in the analysis batch")
-    demo.add_argument("--top-k", type=_positive_int, default=20)
+                      help="samples per analysis batch")
+    demo.add_argument("--curvature-batches", type=_positive_int, default=2,
+                      help="the curvatures are measured on the first this many analysis batches")
+    demo.add_argument("--top-k", type=_positive_int, default=10)
     demo.add_argument("--lanczos-k", type=_nonneg_int, default=20,
                       help="Hessian-block eigenvalues per layer (0 skips Lanczos)")
     demo.add_argument("--bootstrap", type=_nonneg_int, default=500)
@@ -128,7 +133,8 @@ def _demo(args: argparse.Namespace) -> int:
     from curvlens._demo import run_demo
 
     run_demo(epochs=args.epochs, optimizer=args.optimizer, out=args.out, seed=args.seed,
-             batch_size=args.batch_size, fixed_batch=args.fixed_batch, top_k=args.top_k,
+             batch_size=args.batch_size, samples=args.samples, fixed_batch=args.fixed_batch,
+             curvature_batches=args.curvature_batches, top_k=args.top_k,
              lanczos_k=args.lanczos_k, bootstrap=args.bootstrap, every=args.every, lr=args.lr,
              plots=not args.no_plots, progress=not args.no_progress, max_train=args.max_train)
     return 0

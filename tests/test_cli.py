@@ -16,7 +16,8 @@ from curvlens.report import from_json, load_reports
 pytest.importorskip("sklearn")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_TINY = ["--max-train", "128", "--fixed-batch", "32", "--top-k", "5", "--lanczos-k", "3",
+_TINY = ["--max-train", "128", "--samples", "96", "--fixed-batch", "32", "--top-k", "5",
+         "--lanczos-k", "3",
          "--bootstrap", "0", "--every", "1", "--no-progress"]
 
 
@@ -45,6 +46,9 @@ def test_demo_writes_reports_and_plots(demo_dir, capsys):
     assert last.to_dict() == reports[-1].to_dict() or json.dumps(last.to_dict()) == json.dumps(
         reports[-1].to_dict())
     assert any(math.isfinite(rep.alpha) for rep in last.layers.values())
+    # the gradient on all 96 shifted samples, the curvatures on the first two batches of 32
+    assert last.meta["batch_size"] == 96 and last.meta["curvature_samples"] == 64
+    assert run["meta"]["analysis_samples"] == 96
     rows = list(csv.DictReader((demo_dir / "report.csv").open()))
     assert len(rows) == 8 and {r["layer"] for r in rows} == {"conv1", "conv2", "fc", "head"}
     pngs = sorted((demo_dir / "plots").glob("*.png"))
@@ -60,15 +64,19 @@ def test_demo_prints_a_table_per_epoch(demo_run):
     assert out.count("curvlens report | epoch") == 2
     assert out.count("layer  kind") == 2 and out.count("median transfer error") == 2
     assert out.count("test accuracy") == 2
+    assert ("K=5: the gradient on 96 training images under random one-pixel shifts (3 batches "
+            "of 32), the curvatures on the first 64") in out
     for name in ("run.json", "report.json", "report.csv", "plots/transfer.png"):
         assert str(out_dir / name) in out  # the files are named at the end
 
 
 def test_demo_spectral_newton_auto_alpha(tmp_path, capsys):
     args = ["demo", "--epochs", "1", "--optimizer", "spectral-newton", "--out", str(tmp_path),
-            "--no-plots", *_TINY]
+            "--no-plots", *_TINY, "--samples", "32"]  # one analysis batch: no curvature split
     assert main(args) == 0
-    assert load_reports(tmp_path / "run.json")[0].epoch == 0
+    report = load_reports(tmp_path / "run.json")[0]
+    assert report.epoch == 0
+    assert report.meta["batch_size"] == 32 and report.meta.get("curvature_samples") in (None, 32)
     assert "spectral-newton" in capsys.readouterr().out
     assert not (tmp_path / "plots").exists()
 
@@ -97,6 +105,7 @@ def test_report_errors(tmp_path, capsys):
 def test_usage_errors(capsys):
     assert main(["demo", "--epochs", "0"]) == 2
     assert main(["demo", "--optimizer", "sgd"]) == 2
+    assert main(["demo", "--samples", "0"]) == 2
     assert main([]) == 2
     assert main(["--help"]) == 0
     assert "demo" in capsys.readouterr().out
@@ -123,3 +132,22 @@ def test_reproduce_all_tasks_tiny(tmp_path, capsys):
     for task in ("digits-cnn", "digits-mlp", "chars", "teacher"):
         assert f"\n{task} " in out
     assert "embedding" in out and "conv" in out
+
+
+def test_demo_analysis_data_is_shifted_training_images():
+    import torch
+    import torch.nn.functional as F
+
+    from curvlens._demo import _analysis_data
+
+    x = torch.rand(7, 1, 8, 8)
+    y = torch.arange(7)
+    batches = _analysis_data(x, y, 30, 8, torch.Generator().manual_seed(0))
+    assert [len(b[1]) for b in batches] == [8, 8, 8, 6]
+    xs, ys = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert sorted(torch.bincount(ys, minlength=7).tolist()) == [4] * 5 + [5] * 2  # 30 = 7 x 4 + 2
+    pad = F.pad(x, (1, 1, 1, 1))
+    moved = torch.stack([pad[..., i:i + 8, j:j + 8] for i in range(3) for j in range(3)], 1)
+    for image, label in zip(xs, ys):  # each sample: its label's image moved by one pixel or not
+        assert (moved[label] == image).all(-1).all(-1).all(-1).any()
+    assert not all(torch.equal(image, x[label]) for image, label in zip(xs, ys))
