@@ -73,7 +73,7 @@ class _Sized(_Counted):
         return len(self.batches)
 
 
-# Lanczos is about 85% of this test's time (about 26 products per matrix and analysis, each
+# Lanczos is about 90% of its products (about 20 per matrix and analysis, each
 # over all eight batches, rebuilt per product when streamed): the fast suite checks the gradient
 # fields and h_k here, and Lanczos over batches of unequal sizes in
 # test_factors_and_eigenvalues_over_batches_and_unequal_sizes; the slow suite adds it here
