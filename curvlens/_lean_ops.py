@@ -44,8 +44,9 @@ _STATE = threading.local()
 
 @contextmanager
 def second_order_graph() -> Iterator[None]:
-    """While active (and the measurement function mode is), convolutions are recorded with the
-    first derivative above, for a gradient graph that will be differentiated again."""
+    """While active (and the measurement function mode is), convolutions and batch norm with
+    running statistics are recorded in the forms above, for a gradient graph that will be
+    differentiated again."""
     previous, _STATE.active = getattr(_STATE, "active", False), True
     try:
         yield
