@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LEAN_OPS", "second_order_graph"]
+__all__ = ["LEAN_OPS", "second_order_graph", "uses_batch_statistics"]
 
 _STATE = threading.local()
 
@@ -84,7 +84,6 @@ class _LeanConv(torch.autograd.Function):
         x, w, b, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(x, w)
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.shape = x.shape
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
@@ -94,7 +93,7 @@ class _LeanConv(torch.autograd.Function):
         if ctx.needs_input_grad[0] and _will_use(ctx, 0):
             # the transposed convolution back to x's size (output_padding restores the rows a
             # strided forward dropped)
-            extra = [ctx.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+            extra = [x.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                          + dilation[i] * (w.shape[2 + i] - 1) + 1)
                      for i in range(len(stride))]
             gx = torch.ops.aten.convolution(grad, w, None, stride, padding, dilation, True, extra,
@@ -159,13 +158,21 @@ def _lean(op: Callable[..., Tensor], dims: int) -> Callable[..., Tensor]:
     return stand_in
 
 
+def uses_batch_statistics(input: Tensor, running_mean: Tensor | None = None,
+                          running_var: Tensor | None = None, *args: Any, **kwargs: Any) -> bool:
+    """Whether ``F.batch_norm`` called with these arguments normalizes with the batch's
+    statistics (``training``, or no running statistics)."""
+    training = kwargs.get("training", args[2] if len(args) > 2 else False)
+    return bool(training) or running_mean is None or running_var is None
+
+
 def _batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                 weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                 momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``F.batch_norm``; with running statistics (not ``training``) inside a gradient graph, the
     per-channel affine map it is, ``x * scale + shift``, as two elementwise ops."""
-    if (training or running_mean is None or running_var is None
-            or not getattr(_STATE, "active", False)):
+    if (not getattr(_STATE, "active", False)
+            or uses_batch_statistics(input, running_mean, running_var, training=training)):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
     scale = torch.rsqrt(running_var + eps)

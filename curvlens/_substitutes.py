@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from curvlens._lean_ops import LEAN_OPS
+from curvlens._lean_ops import LEAN_OPS, uses_batch_statistics
 
 __all__ = [
     "FORWARD_UNSAFE",
@@ -82,16 +82,9 @@ SUBSTITUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     **LEAN_OPS,  # same values; leaner second derivatives inside a gradient graph
 }
 
+
 def _normalizes_over_samples(*args: Any, **kwargs: Any) -> bool:
     return True
-
-
-def _batch_norm_uses_batch(input: Tensor, running_mean: Tensor | None = None,
-                           running_var: Tensor | None = None, *args: Any,
-                           **kwargs: Any) -> bool:
-    """Whether ``F.batch_norm`` normalizes with the batch's statistics."""
-    training = kwargs.get("training", args[2] if len(args) > 2 else False)
-    return bool(training) or running_mean is None or running_var is None
 
 
 #: ``{torch function: predicate on its arguments}``: calls whose forward-over-forward
@@ -102,7 +95,7 @@ FORWARD_UNSAFE: dict[Callable[..., Any], Callable[..., bool]] = {
     torch.native_layer_norm: _normalizes_over_samples,
     F.instance_norm: _normalizes_over_samples,
     torch.instance_norm: _normalizes_over_samples,
-    F.batch_norm: _batch_norm_uses_batch,
+    F.batch_norm: uses_batch_statistics,
 }
 
 _WATCH = threading.local()

@@ -7,7 +7,8 @@ Rayleigh-Ritz step: ``H = Q^T A Q``, whose top eigenvalues are the Ritz values `
 Ritz vectors ``y_i = Q s_i``. Iteration stops when every wanted Ritz pair's residual
 ``||A y_i - theta_i y_i||`` (computed explicitly) is at most ``tol * |theta_i|``, or below the
 rounding level ``10 eps ||A||`` of the products; a symmetric ``A`` has an eigenvalue within the
-residual of each ``theta_i`` (Lanczos's stopping rule, in :mod:`curvlens.linalg.lanczos`).
+residual of each ``theta_i`` (a residual rule; :mod:`curvlens.linalg.lanczos` stops on the
+estimated error ``min(r, r^2 / gap)`` instead).
 
 A single-vector Lanczos run on a dense matrix reads the whole matrix once per vector; a block
 reads it once per ``b`` vectors, so on a ``4608``-sided float64 matrix (170 MB) a product with
