@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from curvlens._batches import FixedData
 from curvlens._budget import direction_chunk, resolve_budget
 from curvlens._dist import batch_mean
+from curvlens._gauss_newton import GaussNewtonBlock
 from curvlens._grad_graph import GradGraph, hvp_curvature
 from curvlens._progress import progress_bar
 from curvlens.analysis import analyze_layer
@@ -130,6 +131,8 @@ class MatrixRun:
     graphs: list[tuple[float, int, GradGraph]] | None = None
     lanczos_tol: float | None = None
     n_samples: int = 0
+    gauss_newton: GaussNewtonBlock | None = None
+    route: str | None = None
 
     def __call__(self, G: Tensor | str, noise: float | None, f: KroneckerFactors | None,
                  no_factors: str | None) -> LayerReport:
@@ -138,6 +141,7 @@ class MatrixRun:
         k = min(self.top_k, m, n)
         notes = self.notes + ([] if k == self.top_k
                               else [f"top_k={self.top_k} clipped to min(m, n) = {k}"])
+        notes += [self.route] if self.route else []
         base = dict(name=name, shape=(m, n), kind=info.kind.value, notes=notes)
         if isinstance(G, str):
             return _failed(LayerReport(top_k=k, aliases=list(info.aliases), **base), G)
@@ -184,6 +188,8 @@ class MatrixRun:
     def _curvatures(self, U: Tensor, V: Tensor, k: int) -> list[tuple[int, Tensor]]:
         """Each curvature batch's size and ``h_k`` on it (averaged over processes)."""
         info = self.info
+        if self.gauss_newton is not None:
+            return self.gauss_newton.curvature_parts(U, V)
         chunk = direction_chunk(3 * self.activations + 3 * info.weight.nbytes, self.budget, k)
         if self.graphs is None:
             return [(len(a[0]), batch_mean(directional_curvature(
@@ -205,6 +211,9 @@ class MatrixRun:
         m, n = info.matrix_shape
         w = info.weight
         vectors = k * m * n * w.element_size() <= resolve_budget(self.budget, w.device)
+        if self.gauss_newton is not None:
+            gen = torch.Generator("cpu").manual_seed(self.seed)
+            return self.gauss_newton.top(k, vectors, self.budget, gen)
         if self.graphs is not None:
             out = _graph_top(self, k, tol, vectors)
         else:

@@ -28,6 +28,7 @@ from curvlens._fixed_gradients import (
     mean_gradients,
     noise_norms,
 )
+from curvlens._gauss_newton import gauss_newton_blocks
 from curvlens._intervals import Interval, check_interval_options
 from curvlens._losses import LossReduction, OutputSelector
 from curvlens._losses import loss_reduction as resolve_reduction
@@ -71,6 +72,7 @@ def analyze_model(
     memory_budget: int | float | str | None = None,
     batch_norm: BatchNormPolicy | str = BatchNormPolicy.EVAL,
     curvature_batches: int | None = None,
+    gauss_newton: bool = True,
 ) -> Report:
     """Measure every trainable weight matrix of ``model`` on one fixed batch and analyze it.
 
@@ -133,6 +135,15 @@ def analyze_model(
             first and of the second half of them give each layer's ``curvature_noise``. The
             report's meta records ``batch_size`` (gradient samples) and
             ``curvature_samples``; why this is sound: the measurement guide.
+        gauss_newton: where a matrix's Hessian block equals its Gauss-Newton block (the
+            network's output is linear in the matrix, as in ReLU networks with batch norm on
+            running statistics: one exact product along a random direction is checked against
+            it), measure ``h_k`` and the block eigenvalues exactly through the per-sample
+            output Jacobian's Gram matrix (:mod:`curvlens._gauss_newton`; one forward and one
+            backward pass per output dimension for all matrices, instead of about 40 products
+            per matrix). Needs the gradient graphs in the memory budget, at most 4096 samples x
+            output dimensions and a loss that sums per-sample terms. ``False``: products
+            everywhere. Each matrix's notes say which route it took and why.
 
     Returns:
         A :class:`Report` with one :class:`LayerReport` per matrix (tied weights once, with
@@ -215,15 +226,18 @@ def analyze_model(
         budget = resolve_budget(memory_budget, args[0].device)
         act = activation_bytes(model, args)
         graphs = shared_graphs(model, loss_fn, cdata, count, found, budget, act)
+        blocks, routes = (gauss_newton_blocks(model, raw_loss, output, cdata, found, graphs, budget,
+                                              seed) if gauss_newton else ({}, {}))
         fit = dict(paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
                    interval=interval, level=level, trust=trust)
         for name, info in progress_bar(found.items(), desc="analyze", unit="matrix",
                                        leave=False, total=len(found)):
             measure = MatrixRun(model, loss_fn, cdata, source, info, top_k, lanczos_k, seed, fit,
-                                notes, budget, act, graphs, lanczos_tol, batch)
+                                notes, budget, act, graphs, lanczos_tol, batch,
+                                blocks.pop(name, None), routes.get(name))
             reports[name] = measure(grads[name], noise.get(name), factors.get(name),
                                     missing.get(name))
-        del graphs
+        del graphs, blocks
     ms.warn(reports.values())
     info = {"top_k": top_k, "lanczos_k": lanczos_k, "kronecker_mode": str(kronecker_mode),
             "loss_reduction": reduction.value,
@@ -231,7 +245,7 @@ def analyze_model(
             "curvature_samples": curvature_samples,
             "paper_compatible": paper_compatible, "bootstrap": bootstrap, "seed": seed,
             "interval": interval.value, "ci_level": level,
-            "batch_norm": ms.policy.value}
+            "batch_norm": ms.policy.value, "gauss_newton": gauss_newton}
     return Report(layers=reports, epoch=epoch, step=step, meta={**info, **(meta or {})})
 
 
