@@ -230,13 +230,17 @@ def test_too_many_rows_or_a_small_budget_fall_back_with_the_reason(monkeypatch):
     rep = analyze_model(model, loss_fn, x, y, top_k=2, lanczos_k=2, bootstrap=0)
     assert all("35 rows, more than its 20" in _route(rep, n) for n in rep.layers)
     monkeypatch.undo()
-    blocks, notes = _blocks(model, x, y, budget=3000)
+    blocks, notes = _blocks(model, x, y, budget=40000)  # c1, c2: 7 * 4 * 36 * 6 * 8 bytes
     assert set(blocks) < {"c1", "c2", "shared", "head"}
     missed = set(find_layers(model, on_unsupported="skip")) - set(blocks)
     assert missed and all("do not fit the memory budget" in notes[n] for n in missed)
+    # 35 x 35 Gram matrix: 35^2 * (8 + 16) = 29400 bytes
+    blocks, notes = _blocks(model, x, y, budget=29399)
+    assert not blocks and all("Gram matrix needs 28.7 KiB" in notes[n] for n in ("shared", "head"))
+    assert set(_blocks(model, x, y, budget=29400)[0]) == {"shared", "head"}
     h, _ = _reference(model, loss_fn, x, y, "c1", 2)
     rep = analyze_model(model, loss_fn, x, y, top_k=2, lanczos_k=2, bootstrap=0,
-                        memory_budget=3000)
+                        memory_budget=40000)
     assert _close(rep.layers["c1"].h, h, 1e-9)
 
 
