@@ -8,7 +8,9 @@ Two parts, each run in its own process so that its peak RSS is its own:
   ``lens.step()`` recording gradient spectra and running Kronecker factors), and a
   non-recording step (hooks present, nothing recorded). Reports the recording step's extra cost
   and the ``lens.step()`` call itself in plain steps (target <= 1.5), ``lens.analyze()`` with
-  ``top_k=10`` and ``lanczos_k=10`` on the batch in plain steps (target <= 120), and the
+  ``top_k=10`` and ``lanczos_k=10`` on the batch in plain steps (target <= 120; also once with
+  ``gauss_newton=False``, every matrix by Hessian-vector products, and the largest difference
+  of the two reports' ``h_k`` and eigenvalues relative to each layer's largest), and the
   overhead of training at ``every=50`` (target <= 1.05x), both derived from the per-step
   medians, ``(49 * non-recording + recording) / (50 * plain)``, and measured directly on
   ``rounds`` pairs of 50-step runs, plain and with the lens (which has recorded once before,
@@ -123,6 +125,7 @@ def resnet_part(args: argparse.Namespace) -> dict[str, Any]:
     analyze_s, plain_near = [], []
     for r in range(1 if args.quick else 2):
         before = _timed(plain)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
         analyze_s.append(_timed(lambda: rec.analyze(x, y, epoch=r)))  # noqa: B023
         plain_near.append((before + _timed(plain)) / 2)
     if args.profile:
@@ -130,6 +133,26 @@ def resnet_part(args: argparse.Namespace) -> dict[str, Any]:
     out["analyze_s"] = statistics.median(analyze_s)
     out["analyze_plain_steps"] = statistics.median(
         a / p for a, p in zip(analyze_s, plain_near))
+    routed = [n for n, r in rec.history[-1].layers.items()
+              if any("exact from the Gauss-Newton" in note for note in r.notes)]
+    out["gauss_newton_matrices"] = len(routed)
+    if not args.quick:  # the same analyze with products everywhere (gauss_newton=False)
+        before = _timed(plain)
+        model.load_state_dict(state)  # as at the last analyze (plain steps moved it since)
+        rec.analyze_options["gauss_newton"] = False
+        start = time.perf_counter()
+        products = rec.analyze(x, y)
+        seconds = time.perf_counter() - start
+        del rec.analyze_options["gauss_newton"]
+        fast = rec.history[-2]
+        out["analyze_products_s"] = seconds
+        out["analyze_products_plain_steps"] = seconds / ((before + _timed(plain)) / 2)
+        out["routes_max_rel_diff"] = {
+            field: max(abs(a - b) / max(abs(v) for v in getattr(products.layers[n], field))
+                       for n in fast.layers
+                       for a, b in zip(getattr(fast.layers[n], field),
+                                       getattr(products.layers[n], field)))
+            for field in ("h", "lambda_top")}
     if not args.quick:
         out["every50_overhead_measured"] = _every50(model, loss_fn, opt, x, y, args)
     out["peak_rss_gb"] = peak_rss_gb()
@@ -319,6 +342,11 @@ def _print_resnet(r: dict[str, Any]) -> None:
           f"(target <= 1.5)")
     print(f"  analyze (K=10, L=10)  {r['analyze_plain_steps']:6.1f} plain steps "
           f"({r['analyze_s']:.1f} s; target <= 120)")
+    print(f"  Gauss-Newton route on {r['gauss_newton_matrices']} of {r['layers']} matrices")
+    if "analyze_products_s" in r:
+        print(f"  analyze by products   {r['analyze_products_plain_steps']:6.1f} plain steps "
+              f"({r['analyze_products_s']:.1f} s, gauss_newton=False); the two reports differ "
+              f"by at most {r['routes_max_rel_diff']}")
     print(f"  every=50 overhead     {r['every50_overhead_derived']:6.3f}x derived"
           + (f", {r['every50_overhead_measured']:.3f}x measured"
              if "every50_overhead_measured" in r else "") + " (target <= 1.05)")

@@ -270,7 +270,8 @@ def gauss_newton_blocks(
             selector: which tensor of the model's output it is a function of.
         data: the curvature batches; graphs: their gradient graphs (the exact products of the
             check; without them no matrix takes this route).
-        budget: bytes the rows of one batch, and each step of a Gram matrix, may take.
+        budget: bytes the rows of all the batches together, and each step of a Gram matrix,
+            may take.
     """
     if graphs is None or is_distributed():
         return {}, {}
@@ -284,14 +285,19 @@ def gauss_newton_blocks(
     total = data.total
     notes: dict[str, str] = {}
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
+    left = budget  # what the rows of all the batches may take together
     try:
         for args, targets in data:
-            rows, reasons = _batch_rows(model, loss_fn, selector, args, targets, layers, total,
-                                        budget)
+            active = {name: info for name, info in layers.items() if name not in notes}
+            rows, reasons = _batch_rows(model, loss_fn, selector, args, targets, active, total,
+                                        left)
             for name, reason in reasons.items():
                 notes.setdefault(name, reason)
-            for name, r in rows.items():
-                parts[name].append(r)
+                left += sum(A.nbytes + D.nbytes for A, D in parts[name])
+                parts[name] = []
+            for name, (A, D) in rows.items():
+                parts[name].append((A, D))
+                left -= A.nbytes + D.nbytes
     except Exception as err:  # noqa: BLE001 - e.g. an output the per-sample Hessian cannot take
         why = str(err) if isinstance(err, _NoRoute) else f"{type(err).__name__}: {err}"
         return {}, {name: f"{_PRODUCTS}: no Gauss-Newton route ({why})" for name in layers}

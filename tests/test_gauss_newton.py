@@ -282,3 +282,14 @@ def test_float32_route_matches_the_float64_reference():
         h, lam = _reference(model, loss_fn, x, y, name, 3)
         assert _close(rep.layers[name].h, h, 1e-5)
         assert _close(rep.layers[name].lambda_top, lam, 1e-5)
+
+
+def test_a_summed_loss_is_measured_as_its_mean():
+    model, x, y = _setup()
+    kw = dict(top_k=3, lanczos_k=3, bootstrap=0)
+    mean = analyze_model(model, nn.CrossEntropyLoss(), x, y, **kw)
+    summed = analyze_model(model, nn.CrossEntropyLoss(reduction="sum"), x, y, **kw)
+    for name, layer in mean.layers.items():
+        assert ROUTE in _route(summed, name)
+        assert _close(summed.layers[name].h, layer.h, 1e-12)
+        assert _close(summed.layers[name].lambda_top, layer.lambda_top, 1e-12)
