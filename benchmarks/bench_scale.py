@@ -25,10 +25,14 @@ Two parts, each run in its own process so that its peak RSS is its own:
   seconds on one thread, so it reports a few rounds only, and Lanczos on the largest block only
   (``lanczos_k=0`` in that ``analyze``).
 
+On a CUDA device (``--device cuda``) the same runs on the GPU: every timing waits for the
+device's queued work, and each part also reports its peak GPU memory
+(``torch.cuda.max_memory_allocated``).
+
 Usage: ``python benchmarks/bench_scale.py [--part resnet|gpt|all] [--rounds N] [--quick]
-[--threads N] [--out DIR]``. ``--part all`` (the default) runs the parts one after the other in
-subprocesses and writes ``bench_scale.json`` and ``bench_scale.log`` under ``--out``
-(default: benchmarks/results). Run it under ``nice`` on a shared machine.
+[--threads N] [--device cpu|cuda] [--out DIR]``. ``--part all`` (the default) runs the parts
+one after the other in subprocesses and writes ``bench_scale.json`` and ``bench_scale.log``
+under ``--out`` (default: benchmarks/results). Run it under ``nice`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -60,10 +64,26 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+_DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a no-op on the CPU)."""
+    if _DEVICE.type == "cuda":
+        torch.cuda.synchronize(_DEVICE)
+
+
 def _timed(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
+
+
+def peak_gpu_gb() -> float | None:
+    """Peak memory torch allocated on the CUDA device so far (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(_DEVICE) / 1e9 if _DEVICE.type == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- ResNet-18
@@ -73,12 +93,12 @@ def resnet_part(args: argparse.Namespace) -> dict[str, Any]:
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
-    model = resnet18(num_classes=10)
+    model = resnet18(num_classes=10).to(_DEVICE)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (64,), generator=g)
+    x = torch.randn(64, 3, 32, 32, generator=g).to(_DEVICE)
+    y = torch.randint(0, 10, (64,), generator=g).to(_DEVICE)
     rec = CurvatureLens(model, loss_fn, top_k=10, every=1, lanczos_k=10)
     quiet = CurvatureLens(model, loss_fn, top_k=10, every=10**9)
     quiet.num_steps = 1  # never a recording step: hooks present, nothing recorded
@@ -140,9 +160,9 @@ def resnet_part(args: argparse.Namespace) -> dict[str, Any]:
         before = _timed(plain)
         model.load_state_dict(state)  # as at the last analyze (plain steps moved it since)
         rec.analyze_options["gauss_newton"] = False
-        start = time.perf_counter()
-        products = rec.analyze(x, y)
-        seconds = time.perf_counter() - start
+        holder: list = []
+        seconds = _timed(lambda: holder.append(rec.analyze(x, y)))
+        products = holder[0]
         del rec.analyze_options["gauss_newton"]
         fast = rec.history[-2]
         out["analyze_products_s"] = seconds
@@ -156,6 +176,7 @@ def resnet_part(args: argparse.Namespace) -> dict[str, Any]:
     if not args.quick:
         out["every50_overhead_measured"] = _every50(model, loss_fn, opt, x, y, args)
     out["peak_rss_gb"] = peak_rss_gb()
+    out["peak_gpu_gb"] = peak_gpu_gb()
     report = rec.history[-1]
     alphas = [r.alpha for r in report.layers.values()]
     out["layers"] = len(report.layers)
@@ -265,11 +286,11 @@ def gpt_part(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     vocab = 50257
-    model = TinyGPT(vocab=vocab)
+    model = TinyGPT(vocab=vocab).to(_DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, vocab, (4, 64), generator=g)
-    tgt = torch.randint(0, vocab, (4, 64), generator=g)
+    idx = torch.randint(0, vocab, (4, 64), generator=g).to(_DEVICE)
+    tgt = torch.randint(0, vocab, (4, 64), generator=g).to(_DEVICE)
     out: dict[str, Any] = {
         "model": "GPT-2-small-shaped: vocab 50257, d 768, 12 heads, 2 blocks, 4 x 64 tokens, "
                  "tied head",
@@ -305,28 +326,32 @@ def gpt_part(args: argparse.Namespace) -> dict[str, Any]:
         name: [type(f.C_A).__name__, type(f.C_delta).__name__] for name, f in factors.items()
         if not isinstance(f.C_A, torch.Tensor) or not isinstance(f.C_delta, torch.Tensor)}
     out["rss_after_training_gb"] = peak_rss_gb()
-    start = time.perf_counter()
-    report = lens.analyze(idx, tgt)
-    out["analyze_s"] = time.perf_counter() - start
+    holder: list = []
+    out["analyze_s"] = _timed(lambda: holder.append(lens.analyze(idx, tgt)))
+    report = holder[0]
     out["analyze_plain_steps"] = out["analyze_s"] / plain_s
     out["layers"] = sorted(report.layers)
     out["finite_alpha"] = sum(1 for r in report.layers.values() if math.isfinite(r.alpha))
     out["nan_reasons"] = {n: r.nan_reasons.get("alpha", "") for n, r in report.layers.items()
                           if not math.isfinite(r.alpha)}
     out["rss_after_analyze_gb"] = peak_rss_gb()
+    out["gpu_after_analyze_gb"] = peak_gpu_gb()
     # Lanczos (K=10) on the 38.6M-dim tied block within the default budget, run until the
     # basis is full and restarted (thick restart) a few times: the memory it can ever take
     dim, k = model.wte.weight.numel(), 2 if args.quick else 10
-    cap = lanczos_max_basis(dim, k, "largest", torch.float32, resolve_budget(None), "wte")
+    budget = resolve_budget(None, _DEVICE)
+    cap = lanczos_max_basis(dim, k, "largest", torch.float32, budget, "wte")
     num_iter = 6 if args.quick else (cap or 40) + 6
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # not converged in num_iter: expected
         vals = block_eigenvalues(model, lm_loss, idx, tgt, "wte", k, num_iter=num_iter)
+    _sync()
     out["tied_block_lanczos"] = {"k": k, "dim": dim, "max_basis": cap, "num_iter": num_iter,
-                                 "budget_gb": resolve_budget(None) / 1e9,
+                                 "budget_gb": budget / 1e9,
                                  "values": vals.tolist(), "seconds": time.perf_counter() - start}
     out["peak_rss_gb"] = peak_rss_gb()
+    out["peak_gpu_gb"] = peak_gpu_gb()
     return out
 
 
@@ -351,8 +376,12 @@ def _print_resnet(r: dict[str, Any]) -> None:
           + (f", {r['every50_overhead_measured']:.3f}x measured"
              if "every50_overhead_measured" in r else "") + " (target <= 1.05)")
     print(f"  layers {r['layers']}, finite alpha {r['finite_alpha']}; peak RSS "
-          f"{r['peak_rss_gb']:.2f} GB")
+          f"{r['peak_rss_gb']:.2f} GB" + _gpu(r))
     _print_load(r)
+
+
+def _gpu(r: dict[str, Any]) -> str:
+    return "" if r.get("peak_gpu_gb") is None else f"; peak GPU memory {r['peak_gpu_gb']:.2f} GB"
 
 
 def _print_load(r: dict[str, Any]) -> None:
@@ -373,7 +402,7 @@ def _print_gpt(r: dict[str, Any]) -> None:
     if "tied_block_lanczos" in r:
         print(f"  tied-block Lanczos: {r['tied_block_lanczos']}")
     print(f"  peak RSS {r['peak_rss_gb']:.2f} GB (after training {r['rss_after_training_gb']:.2f},"
-          f" after analyze {r['rss_after_analyze_gb']:.2f}; target <= 6)")
+          f" after analyze {r['rss_after_analyze_gb']:.2f}; target <= 6)" + _gpu(r))
     _print_load(r)
 
 
@@ -382,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--part", choices=("resnet", "gpt", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]: on CUDA every timing "
+                        "waits for the device and the peak GPU memory is reported")
     parser.add_argument("--quick", action="store_true", help="smoke run (2 rounds, no every=50 "
                         "run, no GPT Lanczos at K=10)")
     parser.add_argument("--profile", action="store_true", help="cProfile one ResNet analyze()")
@@ -391,6 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.rounds = 2
     torch.set_num_threads(args.threads)
+    global _DEVICE
+    _DEVICE = torch.device(args.device)
     if args.part != "all":
         result = (resnet_part if args.part == "resnet" else gpt_part)(args)
         result["threads"] = args.threads
@@ -402,12 +435,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {"quick": args.quick, "threads": args.threads,
+                               "device": args.device,
                                "torch": torch.__version__}
     log_lines = []
     for part in ("resnet", "gpt"):
         path = os.path.join(args.out, f".bench_scale_{part}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--rounds",
-               str(args.rounds), "--threads", str(args.threads), "--json", path]
+               str(args.rounds), "--threads", str(args.threads), "--device", args.device,
+               "--json", path]
         proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True,
                               text=True, check=False)
         log_lines.append(proc.stdout + proc.stderr)

@@ -48,6 +48,7 @@ from curvlens._batches import FixedData
 from curvlens._budget import count_that_fits, format_bytes
 from curvlens._dist import is_distributed
 from curvlens._grad_graph import GradGraph, layer_hvp
+from curvlens._lean_ops import second_order_graph
 from curvlens._losses import OutputSelector, loss_hessian_sqrt, select_output
 from curvlens.hooks import Capture
 from curvlens.layers import LayerInfo
@@ -194,7 +195,10 @@ def _batch_rows(model: nn.Module, loss_fn: Callable, selector: OutputSelector, a
     """One batch's ``(A [B, T, n], D [B, C, T, m])`` per matrix (``total`` samples in all the
     batches), and why a matrix has none."""
     reasons: dict[str, str] = {}
-    with torch.enable_grad(), _Outputs(model, layers) as cap:
+    # the forward the gradient graphs recorded (their batch norm on running statistics is an
+    # affine map, equal to torch's to rounding): a ReLU or max-pool decision that rounding could
+    # flip falls the same way for the rows as for the graphs' exact products
+    with torch.enable_grad(), second_order_graph(), _Outputs(model, layers) as cap:
         out = model(*args)
         z = select_output(out, selector)
         if total * z[0].numel() > MAX_ROWS:
