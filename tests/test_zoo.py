@@ -54,3 +54,25 @@ def test_zoo_names_say_what_each_matrix_is():
     assert lstm["rnn.weight_hh_l1"].kind == "recurrent"
     reason = lstm["rnn.weight_hh_l1"].nan_reasons["b_chi"]
     assert "no capture adapter for LSTM.weight_hh_l1" in reason
+
+
+@pytest.mark.parametrize("name, routed", [
+    # None: every matrix (ReLU, max pooling, batch norm on running statistics); slow: 38 s, the
+    # products route of the comparison (tests/test_gauss_newton.py covers such a net quickly)
+    pytest.param("resnet18", None, marks=pytest.mark.slow),
+    ("vit", {"heads.head"}),  # only the head: GELU, LayerNorm and softmax sit behind the rest
+    ("lstm-lm", {"head"}),
+])
+def test_zoo_takes_the_gauss_newton_route_where_the_output_is_linear(name, routed):
+    case = trained(ZOO[name]())
+    options = {**FAST, "lanczos_k": 3, **case.options}
+    reports = [analyze_model(case.model, case.loss_fn, case.inputs, case.targets,
+                             gauss_newton=gn, **options) for gn in (True, False)]
+    route = {n for n, r in reports[0].layers.items()
+             if any("exact from the Gauss-Newton factorization" in x for x in r.notes)}
+    assert route == (set(reports[0].layers) if routed is None else routed)
+    for n, rep in reports[0].layers.items():  # the same numbers as by products
+        other = reports[1].layers[n]
+        for field, tol in (("h", 1e-4), ("lambda_top", 5e-3)):
+            ours, theirs = torch.tensor(getattr(rep, field)), torch.tensor(getattr(other, field))
+            assert ((ours - theirs).abs() <= tol * theirs.abs().max()).all(), (n, field)
