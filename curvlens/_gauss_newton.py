@@ -19,8 +19,11 @@ locations of a convolution, tokens) of the back-propagated row ``delta`` times t
 ``a``. Then, exactly,
 
 * ``h_k = ||M vec(u_k v_k^T)||^2``, with ``(M vec(u v^T))_{(i,c)} = sum_t (u . delta)(v . a)``;
-* the nonzero eigenvalues of ``H_WW`` are those of the ``R x R`` Gram matrix ``M M^T``, all of
-  them from one symmetric eigendecomposition, and the eigenvectors are ``M^T q / sqrt(lambda)``.
+* the nonzero eigenvalues of ``H_WW`` are those of the ``R x R`` Gram matrix ``M M^T``, and the
+  eigenvectors are ``M^T q / sqrt(lambda)``. The Gram matrix is formed and its top eigenpairs
+  taken exactly (to float64 rounding) where that fits the budget and costs at most
+  ``_IMPLICIT_GAIN`` times as much as Lanczos on ``w -> M (M^T w)`` without forming it (to
+  ``lanczos_tol``, like the products); else that Lanczos runs (many rows, as with 100 classes).
 
 The rows of every matrix come from one forward pass and ``D`` backward passes per batch (the
 backward passes stop at the layers' outputs: no weight gradient is formed), instead of one
@@ -30,9 +33,9 @@ Lanczos).
 Whether a block equals its Gauss-Newton block is measured, not assumed: one exact Hessian-vector
 product along a random direction must agree with ``M^T M``'s to ``CHECK_TOL`` (relative). A
 matrix that fails (a tanh or GELU network, a loss that is not a sum of per-sample terms, samples
-that see each other, as through batch statistics) or whose rows do not fit (``MAX_ROWS``, the
-memory budget) is measured by products as before; the report's notes say which route each
-matrix took and why.
+that see each other, as through batch statistics), more than ``MAX_OUTPUTS`` outputs per sample
+or rows over the memory budget is measured by products as before; the report's notes say which
+route each matrix took and why.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlens._batches import FixedData
-from curvlens._budget import count_that_fits, format_bytes
+from curvlens._budget import count_that_fits
 from curvlens._dist import is_distributed
 from curvlens._grad_graph import GradGraph, layer_hvp
 from curvlens._lean_ops import second_order_graph
@@ -54,15 +57,18 @@ from curvlens.hooks import Capture
 from curvlens.layers import LayerInfo
 from curvlens.linalg.lanczos import lanczos
 
-__all__ = ["CHECK_TOL", "MAX_ROWS", "GaussNewtonBlock", "gauss_newton_blocks"]
+__all__ = ["CHECK_TOL", "MAX_OUTPUTS", "GaussNewtonBlock", "gauss_newton_blocks"]
 
 # Relative difference between an exact Hessian-vector product and the Gauss-Newton one above
 # which a block is measured by products. Rounding alone gives 1e-7..3e-6 in float32 and
 # 1e-16..1e-14 in float64 (ResNet-18, the tests' networks); a nonlinearity gives 1e-2 and more.
 CHECK_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
-# Most rows (samples x output dimensions) the Gram route takes: its matrix has MAX_ROWS^2 entries
-# and its cost grows with the square of the rows.
-MAX_ROWS = 4096
+# Most output dimensions per sample the route takes: each costs one backward pass per batch (an
+# LM's tokens x vocabulary are far more, and take the products).
+MAX_OUTPUTS = 256
+# The dense Gram matrix (exact eigenpairs) is formed unless it costs more than this many times
+# Lanczos on the implicit one (about 4 k + 10 products w -> M (M^T w)).
+_IMPLICIT_GAIN = 4
 _PRODUCTS = "h_k and block eigenvalues by Hessian-vector products"
 _EIGH_ROWS = 128  # above: Lanczos on the dense Gram matrix (3x faster than eigh at 640 rows)
 
@@ -78,7 +84,7 @@ class GaussNewtonBlock:
     """
 
     def __init__(self, A: Tensor, D: Tensor, sizes: list[int]) -> None:
-        self.A, self.D, self.sizes = A, D, sizes
+        self.A, self.D, self.sizes = A.contiguous(), D.contiguous(), sizes
 
     @property
     def rows(self) -> int:
@@ -86,13 +92,15 @@ class GaussNewtonBlock:
 
     def apply(self, X: Tensor) -> Tensor:
         """``M vec(X)`` for ``X [m, n]``: ``[N, C]``."""
+        N, C, T, m = self.D.shape
         XA = self.A @ X.mT.to(self.A.dtype)  # [N, T, m]
-        return torch.einsum("nctm,ntm->nc", self.D, XA)
+        return (self.D.reshape(N, C, T * m) @ XA.reshape(N, T * m, 1)).reshape(N, C)
 
     def adjoint(self, w: Tensor) -> Tensor:
         """``M^T w`` for ``w [N, C]`` as a matrix ``[m, n]``."""
-        Dw = torch.einsum("nc,nctm->ntm", w.to(self.D.dtype), self.D)
-        return Dw.flatten(0, 1).mT @ self.A.flatten(0, 1)
+        N, C, T, m = self.D.shape
+        Dw = w.to(self.D.dtype).reshape(N, 1, C) @ self.D.reshape(N, C, T * m)  # [N, 1, T m]
+        return Dw.reshape(N * T, m).mT @ self.A.reshape(N * T, -1)
 
     def curvature_parts(self, U: Tensor, V: Tensor) -> list[tuple[int, Tensor]]:
         """Per curvature batch ``(size, h_k on that batch)`` along ``u_k v_k^T`` for ``U [m, K]``,
@@ -146,20 +154,41 @@ class GaussNewtonBlock:
             G[s:e] = KD.sum((1, 4)).reshape(e - s, R)
         return G
 
-    def top(self, k: int, vectors: bool, budget: int, generator: torch.Generator
-            ) -> tuple[Tensor, Tensor | None]:
+    def dense(self, k: int, budget: int) -> bool:
+        """Whether :meth:`top` forms the Gram matrix (module docstring) for ``k`` eigenvalues."""
+        N, C, T, m = self.D.shape
+        n, R = self.A.shape[-1], self.rows
+        if R * R * (self.D.element_size() + 16) > budget:  # with its float64 copies
+            return False
+        gram = R * R * min(m * n * (1 + T / R), T * T * (m + 1 + n / (C * C)))
+        implicit = (4 * k + 10) * 2 * N * T * m * (n + C)
+        return gram <= _IMPLICIT_GAIN * implicit
+
+    def top(self, k: int, vectors: bool, budget: int, generator: torch.Generator,
+            tol: float | None = None) -> tuple[Tensor, Tensor | None]:
         """The top ``k`` eigenvalues of ``H_WW = M^T M`` (descending, zeros past its rank) and,
-        with ``vectors``, their eigenvectors ``[k, m, n]``."""
-        K = self.gram(budget).to(torch.float64)
-        K = (K + K.mT) / 2
-        R = K.shape[0]
+        with ``vectors``, their eigenvectors ``[k, m, n]``; ``tol``: Lanczos's on the implicit
+        Gram matrix, when :meth:`dense` says no."""
+        R = self.rows
         r = min(k, R)
-        if R <= _EIGH_ROWS:
-            values, Q = torch.linalg.eigh(K)
-            values, Q = values.flip(0)[:r], Q.flip(1)[:, :r]
+        N, C = self.D.shape[:2]
+        if not self.dense(k, budget):
+            def gram_times(w: Tensor) -> Tensor:
+                return self.apply(self.adjoint(w.reshape(N, C))).reshape(-1).to(w.dtype)
+
+            # float64 Krylov vectors (R entries: cheap), the products in the rows' dtype
+            values, Q = lanczos(gram_times, R, r, tol=tol, generator=generator,
+                                dtype=torch.float64, device=self.D.device, return_vectors=True)
         else:
-            values, Q = lanczos(lambda v: K @ v, R, r, generator=generator, dtype=torch.float64,
-                                device=K.device, return_vectors=True)
+            K = self.gram(budget).to(torch.float64)
+            K = (K + K.mT) / 2
+            if R <= _EIGH_ROWS:
+                values, Q = torch.linalg.eigh(K)
+                values, Q = values.flip(0)[:r], Q.flip(1)[:, :r]
+            else:
+                values, Q = lanczos(lambda v: K @ v, R, r, generator=generator,
+                                    dtype=torch.float64, device=K.device, return_vectors=True)
+        values = values.to(torch.float64)
         values = torch.cat([values, values.new_zeros(k - r)])
         if not vectors:
             return values, None
@@ -201,9 +230,9 @@ def _batch_rows(model: nn.Module, loss_fn: Callable, selector: OutputSelector, a
     with torch.enable_grad(), second_order_graph(), _Outputs(model, layers) as cap:
         out = model(*args)
         z = select_output(out, selector)
-        if total * z[0].numel() > MAX_ROWS:
-            raise _NoRoute(f"{total} samples x {z[0].numel()} outputs = "
-                           f"{total * z[0].numel()} rows, more than its {MAX_ROWS}")
+        if z[0].numel() > MAX_OUTPUTS:
+            raise _NoRoute(f"{z[0].numel()} outputs per sample, one backward pass each; it takes "
+                           f"at most {MAX_OUTPUTS}")
         S = loss_hessian_sqrt(loss_fn, out, selector, targets).to(z.dtype) / math.sqrt(total)
         B, C = S.shape[:2]
         kept: list[str] = []
@@ -265,6 +294,7 @@ def gauss_newton_blocks(
     graphs: list[tuple[float, int, GradGraph]] | None,
     budget: int,
     seed: int,
+    lanczos_k: int = 0,
 ) -> tuple[dict[str, GaussNewtonBlock], dict[str, str]]:
     """The matrices of ``found`` whose Hessian block on ``data`` is its Gauss-Newton block, with
     their rows, and one note per matrix on the route it takes.
@@ -275,7 +305,7 @@ def gauss_newton_blocks(
         data: the curvature batches; graphs: their gradient graphs (the exact products of the
             check; without them no matrix takes this route).
         budget: bytes the rows of all the batches together, and each step of a Gram matrix,
-            may take.
+            may take; lanczos_k: the eigenvalues wanted (for the note on how they are found).
     """
     if graphs is None or is_distributed():
         return {}, {}
@@ -315,13 +345,6 @@ def gauss_newton_blocks(
             notes[name] = (f"{_PRODUCTS}: no Gauss-Newton route (its number of applications "
                            "differs between batches)")
             continue
-        rows = total * parts[name][0][1].shape[1]
-        gram_bytes = rows * rows * (info.weight.element_size() + 16)  # and its float64 copies
-        if gram_bytes > budget:
-            notes[name] = (f"{_PRODUCTS}: no Gauss-Newton route (its {rows} x {rows} Gram matrix "
-                           f"needs {format_bytes(gram_bytes)}, over memory_budget)")
-            parts[name] = []
-            continue
         block = GaussNewtonBlock(torch.cat([A for A, _ in parts[name]]),
                                  torch.cat([D for _, D in parts[name]]), list(data.sizes))
         parts[name] = []
@@ -329,8 +352,11 @@ def gauss_newton_blocks(
         tol = CHECK_TOL.get(info.weight.dtype, CHECK_TOL[torch.float32])
         if rel <= tol:
             blocks[name] = block
+            how = ("" if not lanczos_k else "; eigenvalues from its Gram matrix"
+                   if block.dense(lanczos_k, budget) else
+                   "; eigenvalues by Lanczos on its Gram matrix, not formed")
             notes[name] = (f"h_k and block eigenvalues exact from the Gauss-Newton factorization "
-                           f"({block.rows} rows; an exact Hessian-vector product agrees to "
+                           f"({block.rows} rows{how}; an exact Hessian-vector product agrees to "
                            f"{rel:.1e})")
         else:
             notes[name] = (f"{_PRODUCTS}: the block is not its Gauss-Newton block (an exact "

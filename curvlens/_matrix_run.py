@@ -213,7 +213,7 @@ class MatrixRun:
         vectors = k * m * n * w.element_size() <= resolve_budget(self.budget, w.device)
         if self.gauss_newton is not None:
             gen = torch.Generator("cpu").manual_seed(self.seed)
-            return self.gauss_newton.top(k, vectors, self.budget, gen)
+            return self.gauss_newton.top(k, vectors, self.budget, gen, tol)
         if self.graphs is not None:
             out = _graph_top(self, k, tol, vectors)
         else:

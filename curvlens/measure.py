@@ -141,9 +141,9 @@ def analyze_model(
             it), measure ``h_k`` and the block eigenvalues exactly through the per-sample
             output Jacobian's Gram matrix (:mod:`curvlens._gauss_newton`; one forward and one
             backward pass per output dimension for all matrices, instead of about 40 products
-            per matrix). Needs the gradient graphs in the memory budget, at most 4096 samples x
-            output dimensions and a loss that sums per-sample terms. ``False``: products
-            everywhere. Each matrix's notes say which route it took and why.
+            per matrix). Needs the gradient graphs and the rows in the memory budget, at most
+            256 output dimensions per sample and a loss that sums per-sample terms.
+            ``False``: products everywhere. Each matrix's notes say which route it took and why.
 
     Returns:
         A :class:`Report` with one :class:`LayerReport` per matrix (tied weights once, with
@@ -227,7 +227,7 @@ def analyze_model(
         act = activation_bytes(model, args)
         graphs = shared_graphs(model, loss_fn, cdata, count, found, budget, act)
         blocks, routes = (gauss_newton_blocks(model, raw_loss, output, cdata, found, graphs, budget,
-                                              seed) if gauss_newton else ({}, {}))
+                                              seed, lanczos_k) if gauss_newton else ({}, {}))
         fit = dict(paper_compatible=paper_compatible, bootstrap=bootstrap, seed=seed,
                    interval=interval, level=level, trust=trust)
         for name, info in progress_bar(found.items(), desc="analyze", unit="matrix",

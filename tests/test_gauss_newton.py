@@ -230,25 +230,46 @@ def test_many_rows_use_lanczos_on_the_gram_matrix(monkeypatch):
     assert _close(rep.layers["c2"].lambda_top, lam, 1e-10)
 
 
-def test_too_many_rows_or_a_small_budget_fall_back_with_the_reason(monkeypatch):
+def test_too_many_outputs_or_a_small_budget_fall_back_with_the_reason(monkeypatch):
     model, x, y = _setup()
     loss_fn = nn.CrossEntropyLoss()
-    monkeypatch.setattr(gn_module, "MAX_ROWS", 20)
+    monkeypatch.setattr(gn_module, "MAX_OUTPUTS", 4)
     rep = analyze_model(model, loss_fn, x, y, top_k=2, lanczos_k=2, bootstrap=0)
-    assert all("35 rows, more than its 20" in _route(rep, n) for n in rep.layers)
+    assert all("5 outputs per sample, one backward pass each; it takes at most 4" in _route(rep, n)
+               for n in rep.layers)
     monkeypatch.undo()
     blocks, notes = _blocks(model, x, y, budget=40000)  # c1, c2: 7 * 4 * 36 * 6 * 8 bytes
-    assert set(blocks) < {"c1", "c2", "shared", "head"}
-    missed = set(find_layers(model, on_unsupported="skip")) - set(blocks)
-    assert missed and all("do not fit the memory budget" in notes[n] for n in missed)
-    # 35 x 35 Gram matrix: 35^2 * (8 + 16) = 29400 bytes
-    blocks, notes = _blocks(model, x, y, budget=29399)
-    assert not blocks and all("Gram matrix needs 28.7 KiB" in notes[n] for n in ("shared", "head"))
-    assert set(_blocks(model, x, y, budget=29400)[0]) == {"shared", "head"}
+    assert set(blocks) == {"shared", "head"}
+    assert all("do not fit the memory budget" in notes[n] for n in ("c1", "c2"))
     h, _ = _reference(model, loss_fn, x, y, "c1", 2)
     rep = analyze_model(model, loss_fn, x, y, top_k=2, lanczos_k=2, bootstrap=0,
                         memory_budget=40000)
     assert _close(rep.layers["c1"].h, h, 1e-9)
+
+
+@pytest.mark.parametrize("why", ["budget", "cost"])
+def test_gram_matrix_not_formed_lanczos_on_it_gives_the_same_eigenpairs(monkeypatch, why):
+    # the 35 x 35 Gram matrix takes 35^2 * (8 + 16) = 29400 bytes with its float64 copies
+    model, x, y = _setup()
+    loss_fn = nn.CrossEntropyLoss()
+    blocks, _ = _blocks(model, x, y)
+    dense = {n: b.top(3, True, 10**9, torch.Generator().manual_seed(0))
+             for n, b in blocks.items()}
+    if why == "cost":
+        monkeypatch.setattr(gn_module, "_IMPLICIT_GAIN", 0)
+    budget = 29399 if why == "budget" else 10**9
+    for name, block in blocks.items():
+        assert not block.dense(3, budget) and block.dense(3, 29400) == (why == "budget")
+        values, vecs = block.top(3, True, budget, torch.Generator().manual_seed(0))
+        assert _close(values, dense[name][0], 1e-10), name
+        overlap = torch.einsum("kmn,kmn->k", vecs, dense[name][1]).abs()
+        assert torch.allclose(overlap, torch.ones(3, dtype=torch.float64), atol=1e-8), name
+    rep = analyze_model(model, loss_fn, x, y, top_k=3, lanczos_k=3, bootstrap=0,
+                        memory_budget=max(budget, 40000) if why == "cost" else None)
+    _, lam = _reference(model, loss_fn, x, y, "head", 3)
+    assert "eigenvalues by Lanczos on its Gram matrix, not formed" in _route(rep, "head") or (
+        why == "budget")
+    assert _close(rep.layers["head"].lambda_top, lam, 1e-10)
 
 
 def test_grouped_convolution_falls_back():
