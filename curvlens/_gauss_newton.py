@@ -23,7 +23,7 @@ locations of a convolution, tokens) of the back-propagated row ``delta`` times t
   eigenvectors are ``M^T q / sqrt(lambda)``. The Gram matrix is formed and its top eigenpairs
   taken exactly (to float64 rounding) where that fits the budget and costs at most
   ``_IMPLICIT_GAIN`` times as much as Lanczos on ``w -> M (M^T w)`` without forming it (to
-  ``lanczos_tol``, like the products); else that Lanczos runs (many rows, as with 100 classes).
+  ``lanczos_tol``, like the products); else that Lanczos runs.
 
 The rows of every matrix come from one forward pass and ``D`` backward passes per batch (the
 backward passes stop at the layers' outputs: no weight gradient is formed), instead of one
@@ -33,9 +33,9 @@ Lanczos).
 Whether a block equals its Gauss-Newton block is measured, not assumed: one exact Hessian-vector
 product along a random direction must agree with ``M^T M``'s to ``CHECK_TOL`` (relative). A
 matrix that fails (a tanh or GELU network, a loss that is not a sum of per-sample terms, samples
-that see each other, as through batch statistics), more than ``MAX_OUTPUTS`` outputs per sample
-or rows over the memory budget is measured by products as before; the report's notes say which
-route each matrix took and why.
+that see each other, as through batch statistics), more than ``MAX_OUTPUTS`` outputs per sample,
+more than ``MAX_ROWS`` rows or rows over the memory budget is measured by products as before;
+the report's notes say which route each matrix took and why.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from curvlens.hooks import Capture
 from curvlens.layers import LayerInfo
 from curvlens.linalg.lanczos import lanczos
 
-__all__ = ["CHECK_TOL", "MAX_OUTPUTS", "GaussNewtonBlock", "gauss_newton_blocks"]
+__all__ = ["CHECK_TOL", "MAX_OUTPUTS", "MAX_ROWS", "GaussNewtonBlock", "gauss_newton_blocks"]
 
 # Relative difference between an exact Hessian-vector product and the Gauss-Newton one above
 # which a block is measured by products. Rounding alone gives 1e-7..3e-6 in float32 and
@@ -66,6 +66,9 @@ CHECK_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 # Most output dimensions per sample the route takes: each costs one backward pass per batch (an
 # LM's tokens x vocabulary are far more, and take the products).
 MAX_OUTPUTS = 256
+# Most rows (samples x outputs) it takes: beyond them the route's eigenvalues cost more than the
+# products of a small network (the demo's CNN: 5120 rows, 1.6x slower by the route).
+MAX_ROWS = 4096
 # The dense Gram matrix (exact eigenpairs) is formed unless it costs more than this many times
 # Lanczos on the implicit one (about 4 k + 10 products w -> M (M^T w)).
 _IMPLICIT_GAIN = 4
@@ -233,6 +236,9 @@ def _batch_rows(model: nn.Module, loss_fn: Callable, selector: OutputSelector, a
         if z[0].numel() > MAX_OUTPUTS:
             raise _NoRoute(f"{z[0].numel()} outputs per sample, one backward pass each; it takes "
                            f"at most {MAX_OUTPUTS}")
+        if total * z[0].numel() > MAX_ROWS:
+            raise _NoRoute(f"{total} samples x {z[0].numel()} outputs = "
+                           f"{total * z[0].numel()} rows, more than its {MAX_ROWS}")
         S = loss_hessian_sqrt(loss_fn, out, selector, targets).to(z.dtype) / math.sqrt(total)
         B, C = S.shape[:2]
         kept: list[str] = []

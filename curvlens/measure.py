@@ -142,7 +142,8 @@ def analyze_model(
             output Jacobian's Gram matrix (:mod:`curvlens._gauss_newton`; one forward and one
             backward pass per output dimension for all matrices, instead of about 40 products
             per matrix). Needs the gradient graphs and the rows in the memory budget, at most
-            256 output dimensions per sample and a loss that sums per-sample terms.
+            256 output dimensions per sample and 4096 samples x outputs, and a loss that sums
+            per-sample terms.
             ``False``: products everywhere. Each matrix's notes say which route it took and why.
 
     Returns:

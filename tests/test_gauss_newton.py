@@ -238,6 +238,11 @@ def test_too_many_outputs_or_a_small_budget_fall_back_with_the_reason(monkeypatc
     assert all("5 outputs per sample, one backward pass each; it takes at most 4" in _route(rep, n)
                for n in rep.layers)
     monkeypatch.undo()
+    monkeypatch.setattr(gn_module, "MAX_ROWS", 20)
+    rep = analyze_model(model, loss_fn, x, y, top_k=2, lanczos_k=2, bootstrap=0)
+    assert all("7 samples x 5 outputs = 35 rows, more than its 20" in _route(rep, n)
+               for n in rep.layers)
+    monkeypatch.undo()
     blocks, notes = _blocks(model, x, y, budget=40000)  # c1, c2: 7 * 4 * 36 * 6 * 8 bytes
     assert set(blocks) == {"shared", "head"}
     assert all("do not fit the memory budget" in notes[n] for n in ("c1", "c2"))
