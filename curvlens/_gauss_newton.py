@@ -319,10 +319,8 @@ def gauss_newton_blocks(
               if info.spec is not None and info.spec.inputs_are_columns}
     if not layers:
         return {}, {}
-    if not data.sizes:  # known after a pass (the graphs' is one)
-        for _ in data:
-            pass
-    total = data.total
+    sizes = [size for _, size, _ in graphs]  # one graph per curvature batch, in order
+    total = sum(sizes)
     notes: dict[str, str] = {}
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
     left = budget  # what the rows of all the batches may take together
@@ -344,7 +342,7 @@ def gauss_newton_blocks(
     blocks: dict[str, GaussNewtonBlock] = {}
     gen = torch.Generator("cpu").manual_seed(seed)
     for name, info in layers.items():
-        if name in notes or len(parts[name]) != len(data.sizes):
+        if name in notes or len(parts[name]) != len(sizes):
             notes[name] = f"{_PRODUCTS}: no Gauss-Newton route ({notes.get(name, 'no rows')})"
             continue
         if len({A.shape[1] for A, _ in parts[name]}) > 1:
@@ -352,7 +350,7 @@ def gauss_newton_blocks(
                            "differs between batches)")
             continue
         block = GaussNewtonBlock(torch.cat([A for A, _ in parts[name]]),
-                                 torch.cat([D for _, D in parts[name]]), list(data.sizes))
+                                 torch.cat([D for _, D in parts[name]]), sizes)
         parts[name] = []
         rel = _check(block, info, graphs, gen)
         tol = CHECK_TOL.get(info.weight.dtype, CHECK_TOL[torch.float32])

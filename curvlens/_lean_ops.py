@@ -91,18 +91,25 @@ class _LeanConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         gx = gw = gb = None
         if ctx.needs_input_grad[0] and _will_use(ctx, 0):
-            # the transposed convolution back to x's size (output_padding restores the rows a
-            # strided forward dropped)
-            extra = [x.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
-                                         + dilation[i] * (w.shape[2 + i] - 1) + 1)
-                     for i in range(len(stride))]
-            gx = torch.ops.aten.convolution(grad, w, None, stride, padding, dilation, True, extra,
-                                            groups)
+            gx = _input_grad(grad, x, w, ctx.conv)
         if ctx.needs_input_grad[1] and _will_use(ctx, 1):
             gw = _WeightGrad.apply(grad, x, w.detach(), stride, padding, dilation, groups)
         if ctx.needs_input_grad[2] and _will_use(ctx, 2):
             gb = grad.sum([0, *range(2, grad.dim())])
         return gx, gw, gb, None, None, None, None
+
+
+def _input_grad(grad: Tensor, x: Tensor, w: Tensor, conv: tuple) -> Tensor:
+    """The gradient ``[*x.shape]`` of ``<grad, conv(x, w)>`` with respect to ``x``: the
+    transposed convolution of ``grad`` with ``w`` back to ``x``'s size (``output_padding``
+    restores the rows a strided forward dropped); ``conv``: ``(stride, padding, dilation,
+    groups)``."""
+    stride, padding, dilation, groups = conv
+    extra = [x.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                               + dilation[i] * (w.shape[2 + i] - 1) + 1)
+             for i in range(len(stride))]
+    return torch.ops.aten.convolution(grad, w, None, stride, padding, dilation, True, extra,
+                                      groups)
 
 
 class _WeightGrad(torch.autograd.Function):
@@ -134,9 +141,7 @@ class _WeightGrad(torch.autograd.Function):
             d_grad = torch.ops.aten.convolution(x, gg, None, stride, padding, dilation, False,
                                                 zeros, groups)
         if ctx.needs_input_grad[1] and _will_use(ctx, 1):
-            d_x = torch.ops.aten.convolution_backward(grad, x, gg, None, stride, padding, dilation,
-                                                      False, zeros, groups,
-                                                      [True, False, False])[0]
+            d_x = _input_grad(grad, x, gg, ctx.conv)
         return d_grad, d_x, None, None, None, None, None
 
 
