@@ -122,12 +122,15 @@ class GaussNewtonBlock:
         """``M M^T`` ``[R, R]`` (rows ``(i, c)``, ``c`` fastest), by whichever of two exact sums
         multiplies less: through the per-row gradients (:meth:`_gram_by_rows`) or through the
         inner products of rows per pair of applications (:meth:`_gram_by_pairs`)."""
+        by_pairs, by_rows = self._gram_costs()
+        return self._gram_by_pairs(budget) if by_pairs < by_rows else self._gram_by_rows(budget)
+
+    def _gram_costs(self) -> tuple[float, float]:
+        """Multiply-adds per entry of the Gram matrix of :meth:`_gram_by_pairs` and of
+        :meth:`_gram_by_rows`."""
         N, C, T, m = self.D.shape
         n = self.A.shape[-1]
-        # multiply-adds per entry of the Gram matrix
-        if T * T * (m + 1 + n / (C * C)) < m * n * (1 + T / self.rows):
-            return self._gram_by_pairs(budget)
-        return self._gram_by_rows(budget)
+        return T * T * (m + 1 + n / (C * C)), m * n * (1 + T / self.rows)
 
     def _gram_by_rows(self, budget: int) -> Tensor:
         """``P P^T`` with ``P [R, m * n]`` the rows as weight gradients, formed a block of
@@ -163,7 +166,7 @@ class GaussNewtonBlock:
         n, R = self.A.shape[-1], self.rows
         if R * R * (self.D.element_size() + 16) > budget:  # with its float64 copies
             return False
-        gram = R * R * min(m * n * (1 + T / R), T * T * (m + 1 + n / (C * C)))
+        gram = R * R * min(self._gram_costs())
         implicit = (4 * k + 10) * 2 * N * T * m * (n + C)
         return gram <= _IMPLICIT_GAIN * implicit
 
